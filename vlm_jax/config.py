@@ -1,0 +1,156 @@
+"""Config loading, defaults and validation for ml_collections recipes.
+
+Every recipe starts from `base_config()`, which holds the keys common to all tasks (see the
+README's config table), and fills in `task`, `model`, `input` and `evals`. The config is locked
+before command-line overrides are applied, so a mistyped key is an error with a suggestion
+rather than a silently ignored value. `validate` checks what the type system cannot (mesh
+spec, batch divisibility, value ranges) and raises `UserError` naming the key and the fix.
+"""
+
+import difflib
+import json
+import os
+import re
+
+import ml_collections
+
+from vlm_jax.errors import UserError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+REQUIRED = ("task", "total_steps", "batch_size", "model", "input", "optimizer")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.task = ""  # a key of vlm_jax.tasks.TASKS
+  c.seed = 0
+  c.total_steps = 1000
+  c.batch_size = 64  # global, over all hosts and devices
+  c.log_every_steps = 50
+  c.eval_every_steps = 500
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 3
+  c.data_dir = os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
+  c.mesh = "data=-1,fsdp=1,tensor=1"
+  c.init_from = ""  # another workdir (or workdir:STEP) whose params initialise this run
+  c.distributed = ml_collections.ConfigDict(
+      dict(enable="auto", coordinator_address="", num_processes=0, process_id=-1))
+
+  c.model = ml_collections.ConfigDict()
+
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="adamw", learning_rate=1e-3, warmup_steps=100, schedule="cosine",
+      end_lr_ratio=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4,
+      grad_clip_norm=1.0,
+      # Parameters whose path matches this regex get no weight decay.
+      no_decay="(bias|scale|pos_embedding|cls|embedding)$"))
+
+  c.input = ml_collections.ConfigDict(dict(
+      data="shapes",  # tfds name[/config], e.g. shapes, shapes/tiny, cifar10, imagenet2012
+      train_split="train",
+      image_key="image",
+      label_key="label",
+      image_size=64,
+      shuffle_buffer_size=50_000,
+      random_crop_scale=(1.0, 1.0),  # (min, max) area fraction of an Inception-style crop
+      flip=False,
+      mean=(0.5, 0.5, 0.5),
+      std=(0.5, 0.5, 0.5),
+      prefetch=2))
+
+  c.evals = ml_collections.ConfigDict(dict(
+      splits="validation,test",
+      batch_size=256,
+      pictures=16))  # example predictions drawn per evaluation; 0 disables
+  return c
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  """Loads a recipe 'path/to/recipe.py[:ARG]' the way --config does (for tests and tools)."""
+  import importlib.util
+
+  path, _, arg = spec.partition(":")
+  if not os.path.exists(path):
+    raise UserError(f"config file '{path}' does not exist.")
+  mod_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(module)
+  cfg = module.get_config(arg) if arg else module.get_config()
+  cfg.lock()
+  return cfg
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+  """The resolved config a run wrote to WORKDIR/config.json."""
+  d = json.loads(text)
+  for key in ("random_crop_scale", "mean", "std"):
+    if key in d.get("input", {}):
+      d["input"][key] = tuple(d["input"][key])
+  cfg = ml_collections.ConfigDict(d)
+  cfg.lock()
+  return cfg
+
+
+def nearest(name: str, options) -> str:
+  match = difflib.get_close_matches(name, list(options), n=1)
+  return f" Did you mean '{match[0]}'?" if match else ""
+
+
+def parse_mesh(spec: str) -> dict:
+  """'data=-1,fsdp=2,tensor=1' -> {'data': -1, 'fsdp': 2, 'tensor': 1} (missing axes are 1)."""
+  out = {a: 1 for a in MESH_AXES}
+  for part in filter(None, (p.strip() for p in str(spec).split(","))):
+    if "=" not in part:
+      raise UserError(f"mesh: '{part}' is not AXIS=SIZE; write e.g. --config.mesh=data=-1,fsdp=1,tensor=1")
+    name, size = (s.strip() for s in part.split("=", 1))
+    if name not in MESH_AXES:
+      raise UserError(f"mesh: unknown axis '{name}'.{nearest(name, MESH_AXES)} Axes are {', '.join(MESH_AXES)}.")
+    try:
+      out[name] = int(size)
+    except ValueError:
+      raise UserError(f"mesh: size of '{name}' must be an integer (or -1 for all remaining devices), got '{size}'.") from None
+  if sum(v == -1 for v in out.values()) > 1:
+    raise UserError("mesh: at most one axis may be -1.")
+  if any(v == 0 or v < -1 for v in out.values()):
+    raise UserError(f"mesh: sizes must be positive or -1, got {spec}.")
+  return out
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  """Raises UserError for a config that cannot run (independent of the devices present)."""
+  from vlm_jax import tasks  # local: tasks import models, which config must not need
+
+  for key in REQUIRED:
+    if key not in cfg or cfg[key] in ("", None):
+      raise UserError(f"config: required key '{key}' is missing or empty; set it in the recipe or with --config.{key}=...")
+  if cfg.task not in tasks.TASKS:
+    raise UserError(f"config: unknown task '{cfg.task}'.{nearest(cfg.task, tasks.TASKS)} Known tasks: {', '.join(sorted(tasks.TASKS))}.")
+  for key in ("total_steps", "batch_size", "log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
+    if not isinstance(cfg[key], int) or cfg[key] <= 0:
+      raise UserError(f"config: '{key}' must be a positive integer, got {cfg[key]!r}.")
+  parse_mesh(cfg.mesh)
+
+
+def parse_argv(flag_values, argv) -> None:
+  """Parses command-line flags; config mistakes (unknown key, wrong type, bad file) become UserError."""
+  from absl import flags
+
+  try:
+    flag_values(argv)
+  except flags.Error as e:
+    text = str(e)
+    if "Traceback" in text:  # an exception inside the recipe file: keep its last line
+      text = text.split("--config=")[0] + "the recipe raised " + text.strip().splitlines()[-1].strip()
+    raise UserError(" ".join(text.split())) from None
+  except (KeyError, AttributeError, ValueError, TypeError) as e:
+    text = str(e.args[0] if e.args else e)
+    m = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
+    bad = next((a.split("=")[0] for a in argv if a.startswith("--config.")), "--config")
+    if m:
+      raise UserError(f"config: unknown key '{m.group(2)}' in {bad}. Did you mean '{m.group(1)}'?") from None
+    raise UserError(f"config: invalid override {bad}: {' '.join(text.split())}. Keys of every recipe are "
+                    f"listed in the README; run with --debug for the full traceback.") from None
+
+
+def to_json(cfg: ml_collections.ConfigDict) -> str:
+  return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str)
