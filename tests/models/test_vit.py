@@ -1,0 +1,77 @@
+"""ViT: output shapes per pooling, scan == unrolled, logical names on every parameter, posemb resize."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vlm_jax.models.vit import ViT, resize_posemb
+
+KW = dict(patch_size=8, width=32, depth=2, mlp_dim=48, num_heads=4)
+
+
+@pytest.mark.parametrize("pool,tokens", [("cls", 17), ("gap", 16), ("map", 16)])
+def test_output_shapes(pool, tokens):
+  m = ViT(num_classes=7, pool=pool, **KW)
+  x = jnp.ones((3, 32, 32, 3))
+  params = nn.meta.unbox(m.init(jax.random.PRNGKey(0), x))
+  logits, aux = m.apply(params, x)
+  assert logits.shape == (3, 7)
+  assert aux["tokens"].shape == (3, tokens, 32)
+  assert aux["pooled"].shape == (3, 32)
+  feats, _ = ViT(num_classes=0, pool=pool, **KW).apply(params, x)
+  assert feats.shape == (3, 32)
+
+
+def test_scan_matches_unrolled():
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+  scanned = ViT(num_classes=5, pool="gap", scan_layers=True, head_zero_init=False, **KW)
+  unrolled = ViT(num_classes=5, pool="gap", scan_layers=False, head_zero_init=False, **KW)
+  p = nn.meta.unbox(scanned.init(jax.random.PRNGKey(0), x))["params"]
+  layers = p["encoder"].pop("layers")
+  for i in range(KW["depth"]):
+    p["encoder"][f"layers_{i}"] = jax.tree.map(lambda a: a[i], layers)
+  a, _ = scanned.apply({"params": {**p, "encoder": {**p["encoder"], "layers": layers}}}, x)
+  b, _ = unrolled.apply({"params": p}, x)
+  np.testing.assert_allclose(a, b, atol=1e-5)
+  assert float(jnp.abs(a).max()) > 0
+
+
+def test_remat_same_output_and_grad():
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+  plain = ViT(num_classes=5, head_zero_init=False, **KW)
+  remat = ViT(num_classes=5, head_zero_init=False, remat="nothing_saveable", **KW)
+  p = nn.meta.unbox(plain.init(jax.random.PRNGKey(0), x))
+  loss = lambda m: jax.grad(lambda q: m.apply(q, x)[0].sum())(p)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), loss(plain), loss(remat))
+
+
+def test_every_parameter_has_logical_names():
+  m = ViT(num_classes=5, pool="map", **KW)
+  boxed = jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), jnp.ones((1, 32, 32, 3))))
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
+  for leaf in leaves:
+    assert len(leaf.names) == leaf.value.ndim
+
+
+def test_resize_posemb_keeps_prefix_and_interpolates():
+  grid = np.arange(16, dtype=np.float32).reshape(1, 16, 1)
+  pos = np.concatenate([np.full((1, 1, 1), -5.0, np.float32), grid], axis=1)
+  out = resize_posemb(pos, 1 + 64, num_prefix=1)
+  assert out.shape == (1, 65, 1)
+  assert out[0, 0, 0] == -5.0
+  assert out[0, 1:].min() >= 0 and out[0, 1:].max() <= 15
+  assert np.allclose(resize_posemb(pos, 17, 1), pos)
+  with pytest.raises(ValueError):
+    resize_posemb(pos, 1 + 50, 1)
+
+
+def test_bf16_compute_keeps_f32_params():
+  m = ViT(num_classes=5, dtype=jnp.bfloat16, **KW)
+  x = jnp.ones((2, 32, 32, 3))
+  p = nn.meta.unbox(m.init(jax.random.PRNGKey(0), x))
+  assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(p))
+  logits, aux = m.apply(p, x)
+  assert aux["tokens"].dtype == jnp.bfloat16

@@ -1,0 +1,134 @@
+"""Shared building blocks: Mlp, MultiHeadAttention, remat policies, logical-axis helpers.
+
+Parameters carry logical axis names (`embed`, `mlp`, `heads`, `kv`, `vocab`, ...) and large
+activations are constrained with `act_*` names; `vlm_jax.parallel.RULES` maps them to the mesh.
+Attention weights are stored head-major as [embed, heads, head_dim] (q/k/v) and
+[heads, head_dim, embed] (output), which maps one-to-one onto Hugging Face's Linear layers.
+"""
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+BTD = ("act_batch", "act_length", "act_embed")
+
+
+def logical(init, names):
+  return nn.with_logical_partitioning(init, names)
+
+
+def constrain(x, names):
+  return nn.with_logical_constraint(x, names)
+
+
+REMAT_POLICIES = {
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+}
+
+
+def remat_policy(name: str):
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat policy '{name}'; choose one of {sorted(REMAT_POLICIES)} or 'none'")
+  return REMAT_POLICIES[name]
+
+
+def stack_layers(block_cls, depth: int, scan: bool, remat: str, static_argnums=()):
+  """Returns a callable that builds `depth` blocks, scanned (one compiled body) or unrolled.
+
+  Blocks have signature `block(x, *broadcast_args) -> (x, None)`. With `scan`, the params of all
+  layers are stacked along a leading `layers` axis. `remat` is 'none' or a policy name.
+  """
+  if remat != "none":
+    block_cls = nn.remat(block_cls, policy=remat_policy(remat), prevent_cse=not scan,
+                         static_argnums=static_argnums)
+
+  def build(parent_kwargs, name="layers"):
+    if scan:
+      n_bcast = len(static_argnums)
+      return nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                     in_axes=(nn.broadcast,) * n_bcast, length=depth,
+                     metadata_params={nn.PARTITION_NAME: "layers"})(name=name, **parent_kwargs)
+    blocks = [block_cls(name=f"{name}_{i}", **parent_kwargs) for i in range(depth)]
+
+    def run(x, *args):
+      for b in blocks:
+        x, _ = b(x, *args)
+      return x, None
+    return run
+  return build
+
+
+class Mlp(nn.Module):
+  hidden: int
+  dropout: float = 0.0
+  gelu_approximate: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    d = x.shape[-1]
+    init = nn.initializers.xavier_uniform()
+    h = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1",
+                 kernel_init=logical(init, ("embed", "mlp")),
+                 bias_init=logical(nn.initializers.normal(1e-6), ("mlp",)))(x)
+    h = nn.gelu(h, approximate=self.gelu_approximate)
+    h = constrain(h, ("act_batch", "act_length", "act_mlp"))
+    h = nn.Dropout(self.dropout)(h, deterministic)
+    return nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2",
+                    kernel_init=logical(init, ("mlp", "embed")),
+                    bias_init=logical(nn.initializers.normal(1e-6), ("embed",)))(h)
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head attention, self (context=None) or cross; `mask` is boolean [B, 1|H, Q, K]."""
+  num_heads: int
+  qkv_bias: bool = True
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def _proj(self, name, x, heads, head_dim):
+    d = x.shape[-1]
+    k = self.param(f"{name}_kernel", logical(nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2)),
+                                              ("embed", "heads", "kv")), (d, heads, head_dim), self.param_dtype)
+    y = jnp.einsum("btd,dhk->bthk", x.astype(self.dtype), k.astype(self.dtype))
+    if self.qkv_bias:
+      b = self.param(f"{name}_bias", logical(nn.initializers.zeros, ("heads", "kv")), (heads, head_dim), self.param_dtype)
+      y = y + b.astype(self.dtype)
+    return constrain(y, ("act_batch", "act_length", "act_heads", "act_kv"))
+
+  @nn.compact
+  def __call__(self, x, context=None, mask=None, deterministic: bool = True):
+    context = x if context is None else context
+    d = x.shape[-1]
+    if d % self.num_heads:
+      raise ValueError(f"width {d} is not divisible by num_heads {self.num_heads}")
+    hd = d // self.num_heads
+    q = self._proj("query", x, self.num_heads, hd)
+    k = self._proj("key", context, self.num_heads, hd)
+    v = self._proj("value", context, self.num_heads, hd)
+    logits = jnp.einsum("bqhk,bthk->bhqt", q, k) / jnp.sqrt(hd).astype(self.dtype)
+    if mask is not None:
+      logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+    weights = nn.Dropout(self.dropout)(weights, deterministic)
+    out = jnp.einsum("bhqt,bthk->bqhk", weights, v)
+    wo = self.param("out_kernel", logical(nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2),
+                                          ("heads", "kv", "embed")), (self.num_heads, hd, d), self.param_dtype)
+    bo = self.param("out_bias", logical(nn.initializers.zeros, ("embed",)), (d,), self.param_dtype)
+    y = jnp.einsum("bqhk,hkd->bqd", out, wo.astype(self.dtype)) + bo.astype(self.dtype)
+    return constrain(y, BTD)
+
+
+def layer_norm(eps, dtype, param_dtype, name):
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name,
+                      scale_init=logical(nn.initializers.ones, ("embed",)),
+                      bias_init=logical(nn.initializers.zeros, ("embed",)))
