@@ -1,0 +1,1 @@
+"""Input: tensorflow-datasets sources, tf.data preprocessing, numpy batches per host. Never imports jax."""

@@ -1,0 +1,75 @@
+"""Where examples come from: tfds builders by name, the embedded `shapes` dataset built on demand.
+
+`open_source(name, data_dir)` returns a prepared `tfds.core.DatasetBuilder` or raises UserError
+saying how to prepare it. Embedded datasets (generated locally, no network) are built on first
+use; catalog datasets (cifar10, imagenet2012, coco_captions, ...) must already be prepared in
+`data_dir`, because these machines may have no network.
+"""
+
+import dataclasses
+import os
+from typing import Optional
+
+import tensorflow_datasets as tfds
+
+from vlm_jax.errors import UserError
+
+EMBEDDED = ("shapes",)
+
+
+@dataclasses.dataclass
+class DataInfo:
+  name: str
+  num_classes: int  # 0 when there is no ClassLabel under the label key
+  class_names: Optional[list]
+  splits: dict  # split name -> number of examples
+  features: tuple  # top-level feature names
+
+
+def _is_embedded(name: str) -> bool:
+  return name.split("/")[0].split(":")[0] in EMBEDDED
+
+
+def open_source(name: str, data_dir: str, prepare: bool = True) -> tfds.core.DatasetBuilder:
+  """Returns the prepared builder for `name` in `data_dir` (building embedded datasets if `prepare`)."""
+  data_dir = os.path.expanduser(data_dir)
+  if _is_embedded(name):
+    from vlm_jax.data.builders import shapes  # registers the builder
+    if prepare:
+      try:
+        return shapes.prepare(name, data_dir)
+      except PermissionError as e:
+        raise UserError(f"cannot build dataset '{name}' into data_dir '{data_dir}': {e}. "
+                        f"Choose a writable --config.data_dir.") from None
+  try:
+    builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise UserError(f"dataset '{name}' is not a tensorflow-datasets name nor an embedded dataset "
+                    f"({', '.join(EMBEDDED)}). Check --config.input.data.") from None
+  except ValueError as e:  # e.g. an unknown builder config name
+    raise UserError(f"dataset '{name}': {e}. Check --config.input.data.") from None
+  if not builder.is_prepared():
+    raise UserError(
+        f"dataset '{name}' is not prepared in data_dir '{data_dir}' and cannot be downloaded here. "
+        f"Prepare it where there is network access with `tfds build {name} --data_dir=DIR` (datasets "
+        f"with manual downloads such as imagenet2012 need their archives in DIR/downloads/manual), then "
+        f"copy DIR here and pass --config.data_dir=DIR.")
+  return builder
+
+
+def data_info(builder: tfds.core.DatasetBuilder, label_key: str = "label") -> DataInfo:
+  feats = builder.info.features
+  label = feats[label_key] if label_key in feats else None
+  num_classes, names = 0, None
+  if isinstance(label, tfds.features.ClassLabel):
+    num_classes, names = label.num_classes, list(label.names)
+  splits = {k: v.num_examples for k, v in builder.info.splits.items()}
+  return DataInfo(builder.info.full_name, num_classes, names, splits, tuple(feats.keys()))
+
+
+def num_examples(builder, split: str) -> int:
+  try:
+    return builder.info.splits[split].num_examples
+  except (KeyError, ValueError) as e:
+    raise UserError(f"split '{split}' of dataset '{builder.info.full_name}' does not exist ({e}). "
+                    f"Available splits: {', '.join(builder.info.splits.keys())}.") from None
