@@ -1,0 +1,66 @@
+"""Orbax checkpoints of the TrainState: async save, keep-N, restore onto any mesh, safe fallback.
+
+Before restoring, the checkpoint's recorded tree is compared with the state this config builds;
+a checkpoint of another model shape is refused with a message naming the first mismatching
+parameter, and is never overwritten (training does not start).
+"""
+
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from vlm_jax.errors import UserError
+from vlm_jax.optim import param_path
+
+
+class Checkpointer:
+  def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                           create=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                        item_handlers=ocp.StandardCheckpointHandler())
+
+  def latest_step(self):
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, force: bool = False) -> bool:
+    return self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+
+  def check_compatible(self, step: int, abstract_state) -> None:
+    """Raises UserError when the checkpoint's arrays do not match `abstract_state` in path or shape."""
+    meta = self.manager.item_metadata(step)
+    saved = {param_path(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(meta)[0]
+             if hasattr(m, "shape")}
+    wanted = {param_path(p): tuple(a.shape) for p, a in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+    where = f"checkpoint {self.directory}/{step}"
+    for path, shape in wanted.items():
+      if path not in saved:
+        raise UserError(f"{where} belongs to a different model: it has no parameter '{path}'. "
+                        f"Use a new --workdir for this config (the checkpoint was left untouched).")
+      if saved[path] != shape:
+        raise UserError(f"{where} belongs to a different model shape: '{path}' is {saved[path]} there but "
+                        f"{shape} in this config. Use a new --workdir or the checkpoint's config "
+                        f"(the checkpoint was left untouched).")
+    extra = sorted(set(saved) - set(wanted))
+    if extra:
+      raise UserError(f"{where} belongs to a different model: it has parameter '{extra[0]}' that this "
+                      f"config does not build. Use a new --workdir (the checkpoint was left untouched).")
+
+  def restore(self, step: int, abstract_state):
+    """Restores `step` onto the shardings of `abstract_state` (ShapeDtypeStructs with .sharding)."""
+    self.check_compatible(step, abstract_state)
+    return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def abstract_like(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, shardings)

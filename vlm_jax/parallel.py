@@ -1,0 +1,110 @@
+"""Device mesh, logical-axis rules, batch sharding and multi-host initialisation.
+
+Models annotate parameters with logical names (`embed`, `mlp`, `heads`, ...) and activations
+with `act_*` names; `RULES` maps both onto the mesh axes (`data`, `fsdp`, `tensor`), so data
+parallel, FSDP (ZeRO-3) and tensor parallel differ only in the mesh sizes of the config:
+- batch dimension of activations over (data, fsdp): every device sees distinct examples;
+- parameters' `embed` dimension over fsdp: params and optimizer state are sharded, XLA gathers
+  them per layer;
+- `mlp`, `heads`, `vocab` over tensor: Megatron-style split of MLP hidden units and heads.
+Activation names are separate from parameter names because one mesh axis may appear only once
+in a sharding (`batch` and `embed` both want fsdp).
+"""
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from vlm_jax.config import MESH_AXES, parse_mesh
+from vlm_jax.errors import UserError
+
+BATCH_AXES = ("data", "fsdp")
+
+RULES = (
+    ("act_batch", BATCH_AXES),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
+    ("act_kv", None),
+    ("act_vocab", "tensor"),
+    ("layers", None),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    ("classes", None),
+    ("length", None),
+)
+
+
+def mesh_shape(spec: str, num_devices: int) -> dict:
+  """Resolves a mesh spec (with at most one -1) against the number of devices."""
+  sizes = parse_mesh(spec)
+  known = int(np.prod([v for v in sizes.values() if v != -1]))
+  if -1 in sizes.values():
+    if num_devices % known:
+      raise UserError(f"mesh '{spec}': the fixed axes multiply to {known}, which does not divide the "
+                      f"{num_devices} devices present. Choose sizes whose product divides {num_devices}.")
+    sizes = {k: (num_devices // known if v == -1 else v) for k, v in sizes.items()}
+  total = int(np.prod(list(sizes.values())))
+  if total != num_devices:
+    raise UserError(f"mesh '{spec}' needs {total} devices but {num_devices} are present. "
+                    f"Use -1 for one axis (e.g. --config.mesh=data=-1,fsdp=1,tensor=1) or matching sizes.")
+  return sizes
+
+
+def make_mesh(spec: str, devices=None) -> jax.sharding.Mesh:
+  devices = jax.devices() if devices is None else devices
+  sizes = mesh_shape(spec, len(devices))
+  return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def data_shards(mesh) -> int:
+  return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def check_batch(batch_size: int, mesh, what: str = "batch_size") -> int:
+  """Returns the per-process batch; the global batch must split over data shards and processes."""
+  shards, procs = data_shards(mesh), jax.process_count()
+  if batch_size % shards or batch_size % procs:
+    raise UserError(f"{what}={batch_size} is not divisible by the {shards} data-parallel shards "
+                    f"(data x fsdp) and {procs} processes. Use a multiple of {np.lcm(shards, procs)}.")
+  return batch_size // procs
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def shard_batch(batch: dict, mesh) -> dict:
+  """Per-process numpy batch -> global jax.Arrays sharded over the batch axes."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def initialize_distributed(cfg) -> None:
+  """Starts jax.distributed for multi-host runs.
+
+  `distributed.enable`: "auto" initialises when a cluster environment is detected (Cloud TPU
+  pod, SLURM, Open MPI, or JAX_COORDINATOR_ADDRESS), "true" always, "false" never. Explicit
+  coordinator address / process count / id override the detection.
+  """
+  d = cfg.distributed
+  mode = str(d.enable).lower()
+  if mode in ("false", "0", "no") or jax.distributed.is_initialized():
+    return
+  explicit = bool(d.coordinator_address)
+  detected = any(k in os.environ for k in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS",
+                                           "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"))
+  if mode == "auto" and not (explicit or detected):
+    return
+  kwargs = {}
+  if explicit:
+    kwargs = dict(coordinator_address=d.coordinator_address, num_processes=d.num_processes,
+                  process_id=d.process_id)
+  jax.distributed.initialize(**kwargs)

@@ -1,0 +1,23 @@
+"""Training objectives. Each module defines `Task(config, data_info)` with the same small interface:
+
+  task.model                      the Flax module
+  task.dummy_batch(n)             numpy arrays with the shapes and dtypes of one batch (for init)
+  task.init(rng, batch)           boxed params (logical partitioning metadata kept)
+  task.loss_fn(params, batch, rng) -> (loss, metrics)      inside the jitted train step
+  task.eval_fn(params, batch)     -> dict of per-batch sums (masked by batch["_mask"])
+  task.predict_fn(params, batch)  -> dict of predictions (evaluator pictures, predict CLI)
+  task.summarize(sums)            -> dict of metric values named as in the contract
+  task.draw(batch, predictions)   -> list of (image, caption) pairs for the example picture
+
+`TASKS` maps a config's `task` name to its module; it is the only registry.
+"""
+
+from vlm_jax.tasks import classification
+
+TASKS = {
+    "classification": classification,
+}
+
+
+def make(cfg, data_info):
+  return TASKS[cfg.task].Task(cfg, data_info)

@@ -1,0 +1,18 @@
+"""Pieces shared by tasks: config -> module kwargs, masked means."""
+
+import jax.numpy as jnp
+
+from vlm_jax.errors import UserError
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def module_kwargs(model_cfg, exclude=()) -> dict:
+  """A config's `model` ConfigDict as keyword arguments of a Flax module (dtype names resolved)."""
+  kw = {k: v for k, v in model_cfg.to_dict().items() if k not in exclude}
+  for key in ("dtype", "param_dtype"):
+    if key in kw:
+      if kw[key] not in DTYPES:
+        raise UserError(f"model.{key}='{kw[key]}' is not one of {', '.join(DTYPES)}.")
+      kw[key] = DTYPES[kw[key]]
+  return kw

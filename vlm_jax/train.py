@@ -1,0 +1,256 @@
+"""python -m vlm_jax.train --config configs/NAME.py[:ARG] --workdir DIR [--config.KEY=VALUE ...]
+
+One trainer for every task. The flow of a step reads top to bottom:
+config -> data.pipeline (numpy batch per host) -> parallel.shard_batch (global jax.Array) ->
+task.loss_fn inside the jitted `train_step` -> optax update -> checkpoint / logging / evals.
+Running the same command again resumes from the latest checkpoint in DIR.
+"""
+
+import dataclasses
+import os
+import sys
+import time
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import flags
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+from ml_collections import config_flags
+
+from vlm_jax import checkpoint, config as config_lib, optim, parallel, tasks
+from vlm_jax import logging as vlog
+from vlm_jax.data import pipeline, sources
+from vlm_jax.errors import UserError, run_cli
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: dict
+  opt_state: optax.OptState
+  rng: jax.Array  # the root key; step keys are fold_in(rng, step)
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything built from a config that the train and evaluate loops share."""
+  cfg: object
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  task: object
+  tx: optax.GradientTransformation
+  schedule: object
+  state_sharding: TrainState
+  abstract_state: TrainState
+  init_state: object  # jitted rng -> TrainState
+  host: pipeline.Host
+  data_info: sources.DataInfo
+
+  def context(self):
+    """Mesh + logical-axis rules, needed while tracing and running the model."""
+    return _Both(jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules))
+
+
+class _Both:
+  def __init__(self, *cms):
+    self.cms = cms
+
+  def __enter__(self):
+    for cm in self.cms:
+      cm.__enter__()
+
+  def __exit__(self, *exc):
+    for cm in reversed(self.cms):
+      cm.__exit__(*exc)
+
+
+def open_data(cfg) -> sources.DataInfo:
+  """Prepares the dataset (process 0 builds embedded datasets first) and returns its info."""
+  if jax.process_index() == 0:
+    builder = sources.open_source(cfg.input.data, cfg.data_dir)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("dataset prepared")
+  if jax.process_index() != 0:
+    builder = sources.open_source(cfg.input.data, cfg.data_dir)
+  return sources.data_info(builder, cfg.input.label_key)
+
+
+def build(cfg, data_info=None, devices=None) -> Setup:
+  config_lib.validate(cfg)
+  mesh = parallel.make_mesh(cfg.mesh, devices)
+  parallel.check_batch(cfg.batch_size, mesh)
+  parallel.check_batch(cfg.evals.batch_size, mesh, "evals.batch_size")
+  rules = parallel.RULES
+  data_info = data_info or open_data(cfg)
+  task = tasks.make(cfg, data_info)
+  dummy = task.dummy_batch(parallel.data_shards(mesh))
+  root = jax.random.PRNGKey(cfg.seed)
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    boxed = jax.eval_shape(lambda r: task.init(r, dummy), root)
+  param_specs = nn.get_partition_spec(boxed)
+  params_abs = nn.meta.unbox(boxed)
+  tx, schedule = optim.make(cfg.optimizer, cfg.total_steps, params_abs)
+
+  def init_fn(rng):
+    params = nn.meta.unbox(task.init(rng, dummy))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
+
+  abstract = jax.eval_shape(tx.init, params_abs)
+  opt_specs = optax.tree_map_params(tx, lambda _, s: s, abstract, param_specs,
+                                    transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P))
+  logical = TrainState(step=P(), params=param_specs, opt_state=opt_specs, rng=P())
+  state_sharding = nn.logical_to_mesh_sharding(logical, mesh, rules)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    abstract_state = jax.eval_shape(init_fn, root)
+  abstract_state = checkpoint.abstract_like(abstract_state, state_sharding)
+  init_state = jax.jit(init_fn, out_shardings=state_sharding)
+  host = pipeline.Host(jax.process_index(), jax.process_count())
+  return Setup(cfg, mesh, rules, task, tx, schedule, state_sharding, abstract_state, init_state, host, data_info)
+
+
+def make_train_step(s: Setup):
+  task, tx, schedule = s.task, s.tx, s.schedule
+
+  def train_step(state: TrainState, batch):
+    rng = jax.random.fold_in(state.rng, state.step)
+    (loss, metrics), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(state.params, batch, rng)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {**metrics, "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  replicated = NamedSharding(s.mesh, P())
+  return jax.jit(train_step, in_shardings=(s.state_sharding, parallel.batch_sharding(s.mesh)),
+                 out_shardings=(s.state_sharding, replicated), donate_argnums=(0,))
+
+
+def restore_or_init(s: Setup, ckpt: checkpoint.Checkpointer):
+  step = ckpt.latest_step()
+  with s.context():
+    if step is None:
+      return s.init_state(jax.random.PRNGKey(s.cfg.seed)), False
+    return ckpt.restore(step, s.abstract_state), True
+
+
+def evaluate(s: Setup, params, step: int, workdir: str = None) -> dict:
+  """Runs the task's evaluation on every split of `evals.splits`; returns {'SPLIT/METRIC': value}."""
+  cfg = s.cfg
+  local = cfg.evals.batch_size // s.host.count
+  eval_step = jax.jit(s.task.eval_fn)
+  predict = jax.jit(s.task.predict_fn)
+  results = {}
+  for split in [x.strip() for x in cfg.evals.splits.split(",") if x.strip()]:
+    _, batches = pipeline.eval_batches(cfg.input, cfg.data_dir, split, local, s.host)
+    sums = None
+    for i, batch in enumerate(batches):
+      with s.context():
+        gb = parallel.shard_batch(batch, s.mesh)
+        out = eval_step(params, gb)
+        sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+        if i == 0 and workdir and cfg.evals.pictures:
+          _draw(s, gb, predict(params, gb), os.path.join(workdir, "pictures", f"{split}_{step:07d}.png"))
+    for k, v in s.task.summarize(jax.device_get(sums)).items():
+      results[f"{split}/{k}"] = v
+  return results
+
+
+def _draw(s: Setup, batch, preds, path):
+  n = s.cfg.evals.pictures
+  local = multihost_utils.process_allgather({"batch": batch, "preds": preds}, tiled=True)
+  if jax.process_index() == 0:
+    take = lambda t: jax.tree.map(lambda x: np.asarray(x)[:n], t)
+    items = s.task.draw(take(local["batch"]), take(local["preds"]))
+    vlog.draw_grid(items, path, s.cfg.input.mean, s.cfg.input.std)
+
+
+def _trim_metrics(workdir: str, last_step: int) -> None:
+  """Drops metrics logged after `last_step` (they are recomputed identically on resume)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  rows = vlog.read_metrics(workdir)
+  keep = [r for r in rows if r["step"] <= last_step]
+  if len(keep) != len(rows):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(__import__("json").dumps(r) + "\n" for r in keep)
+    os.replace(tmp, path)
+
+
+def train(cfg, workdir: str) -> dict:
+  """Trains (or resumes) `cfg` in `workdir`; returns the last evaluation metrics."""
+  parallel.initialize_distributed(cfg)
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  lead = jax.process_index() == 0
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"cannot create workdir '{workdir}': {e.strerror}. Choose a writable --workdir.") from None
+  s = build(cfg)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
+  state, resumed = restore_or_init(s, ckpt)
+  start = int(jax.device_get(state.step))
+  if lead:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config_lib.to_json(cfg))
+    if resumed:
+      _trim_metrics(workdir, start)
+  writer = vlog.MetricsWriter(workdir, enabled=lead)
+  if resumed:
+    print(f"Resuming from {ckpt.directory}/{start}", flush=True)
+  if start >= cfg.total_steps:
+    print(f"Already trained to step {start} (total_steps={cfg.total_steps}); nothing to do.", flush=True)
+    ckpt.close()
+    return {}
+
+  local_batch = cfg.batch_size // s.host.count
+  batches = pipeline.train_batches(cfg.input, cfg.data_dir, cfg.seed, local_batch, start, s.host)
+  train_step = make_train_step(s)
+  progress = vlog.Progress(cfg.total_steps, start, enabled=lead)
+  last_eval, t0, n0 = {}, time.perf_counter(), start
+  for step in range(start + 1, cfg.total_steps + 1):
+    with s.context():
+      state, metrics = train_step(state, parallel.shard_batch(next(batches), s.mesh))
+    progress.update(1)
+    if step % cfg.log_every_steps == 0 or step == cfg.total_steps:
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      dt = time.perf_counter() - t0
+      metrics["images_per_s"] = (step - n0) * cfg.batch_size / max(dt, 1e-9)
+      t0, n0 = time.perf_counter(), step
+      writer.write(step, {f"train/{k}": v for k, v in metrics.items()})
+      progress.update(0, loss=metrics["loss"], img_s=round(metrics["images_per_s"], 1))
+    if step % cfg.eval_every_steps == 0 or step == cfg.total_steps:
+      last_eval = evaluate(s, state.params, step, workdir)
+      writer.write(step, last_eval)
+      progress.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(last_eval.items())))
+      t0 = time.perf_counter()  # evaluation time is not training throughput
+    if step % cfg.checkpoint_every_steps == 0 or step == cfg.total_steps:
+      ckpt.save(step, state)
+  progress.close()
+  ckpt.close()
+  writer.close()
+  return last_eval
+
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/vit_shapes.py[:ARG].", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the resolved config.")
+flags.DEFINE_bool("debug", False, "Show full tracebacks instead of one-line errors.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv=None):
+  argv = sys.argv if argv is None else argv
+
+  def run():
+    config_lib.parse_argv(FLAGS, argv)
+    train(FLAGS.config, FLAGS.workdir)
+  sys.exit(run_cli(run, argv))
+
+
+if __name__ == "__main__":
+  main()
