@@ -52,3 +52,27 @@ def test_debug_flag_shows_traceback(tmp_path):
   r = _run("--config", "configs/vit_shapes.py:tiny", "--workdir", str(tmp_path / "w"),
            "--config.input.data=cifar10", f"--config.data_dir={tmp_path}", "--debug")
   assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_evaluate_cli_appends_contract_metrics(data_dir, tmp_path):
+  wd = str(tmp_path / "run")
+  r = _run("--config", "configs/vit_shapes.py:tiny", "--workdir", wd, f"--config.data_dir={data_dir}",
+           "--config.total_steps=4", "--config.checkpoint_every_steps=2", "--config.evals.pictures=0")
+  assert r.returncode == 0, r.stderr[-2000:]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  r = subprocess.run([sys.executable, "-m", "vlm_jax.evaluate", "--workdir", wd, "--step", "2"], cwd=REPO,
+                     env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "test/accuracy\t" in r.stdout and "validation/loss\t" in r.stdout
+  last = json.loads(open(os.path.join(wd, "metrics.jsonl")).read().splitlines()[-1])
+  assert last["step"] == 2 and 0.0 <= last["test/accuracy"] <= 1.0
+  r = subprocess.run([sys.executable, "-m", "vlm_jax.evaluate", "--workdir", str(tmp_path)], cwd=REPO,
+                     env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2 and "has no config.json" in r.stderr
+
+
+def test_recipe_error_is_one_line(tmp_path):
+  r = _run("--config", "configs/vit_shapes.py:nosuchvariant", "--workdir", str(tmp_path))
+  assert r.returncode == 2
+  assert "error: config: the recipe raised ValueError: unknown variant 'nosuchvariant'" in r.stderr
+  assert "Traceback" not in r.stderr

@@ -140,7 +140,7 @@ def parse_argv(flag_values, argv) -> None:
   except flags.Error as e:
     text = str(e)
     if "Traceback" in text:  # an exception inside the recipe file: keep its last line
-      text = text.split("--config=")[0] + "the recipe raised " + text.strip().splitlines()[-1].strip()
+      text = "config: the recipe raised " + text.strip().splitlines()[-1].strip()
     raise UserError(" ".join(text.split())) from None
   except (KeyError, AttributeError, ValueError, TypeError) as e:
     text = str(e.args[0] if e.args else e)

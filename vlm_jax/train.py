@@ -237,14 +237,14 @@ def train(cfg, workdir: str) -> dict:
 
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/vit_shapes.py[:ARG].", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the resolved config.")
-flags.DEFINE_bool("debug", False, "Show full tracebacks instead of one-line errors.")
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv=None):
   argv = sys.argv if argv is None else argv
+  config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/vit_shapes.py[:ARG].", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the resolved config.")
+  flags.DEFINE_bool("debug", False, "Show full tracebacks instead of one-line errors.")
+  flags.mark_flags_as_required(["config", "workdir"])
 
   def run():
     config_lib.parse_argv(FLAGS, argv)
