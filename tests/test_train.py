@@ -114,3 +114,26 @@ def test_batch_not_divisible_by_data_shards_is_clear(tiny_config):
   cfg.batch_size = 12
   with pytest.raises(UserError, match="batch_size=12 is not divisible by the 8 data-parallel shards"):
     train.build(cfg, devices=jax.devices()[:8])
+
+
+def test_init_from_other_run_resizes_position_embedding(tiny_config, tmp_path):
+  cfg = tiny_config
+  cfg.total_steps, cfg.eval_every_steps, cfg.checkpoint_every_steps = 2, 100, 2
+  cfg.evals.pictures = 0
+  train.train(cfg, str(tmp_path / "pre"))
+  pre = checkpoint.Checkpointer(str(tmp_path / "pre" / "checkpoints"))
+  s = train.build(cfg)
+  with s.context():
+    source = pre.restore(2, s.abstract_state).params
+  pre.close()
+  cfg.input.image_size = 48  # 6x6 patches instead of 4x4
+  s48 = train.build(cfg)
+  with s48.context():
+    fresh = s48.init_state(jax.random.PRNGKey(0)).params
+  params, copied = checkpoint.load_params(str(tmp_path / "pre"), fresh, include="^encoder/|pos_embedding")
+  assert "pos_embedding" in copied and not any(p.startswith("head/") for p in copied)
+  assert params["pos_embedding"].shape == (1, 36, 32)
+  np.testing.assert_array_equal(params["encoder"]["norm"]["scale"], np.asarray(source["encoder"]["norm"]["scale"]))
+  np.testing.assert_array_equal(params["head"]["kernel"], np.asarray(fresh["head"]["kernel"]))
+  with pytest.raises(UserError, match="does not exist"):
+    checkpoint.load_params(str(tmp_path / "nothing"), fresh)

@@ -64,3 +64,57 @@ class Checkpointer:
 
 def abstract_like(tree, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, shardings)
+
+
+def _square(n: int) -> bool:
+  return n > 0 and int(round(np.sqrt(n))) ** 2 == n
+
+
+def load_params(spec: str, target: dict, include: str = ".*") -> tuple[dict, list]:
+  """Initialises `target` params from another run: `spec` is 'WORKDIR' or 'WORKDIR:STEP'.
+
+  Parameters whose path matches `include` and exists in the source with the same shape are
+  copied; a position embedding of another length (another resolution) is resized bilinearly;
+  the rest keeps its fresh initialisation. Returns (params as numpy, list of copied paths).
+  """
+  import re
+
+  from vlm_jax.models.vit import resize_posemb
+
+  path, _, step = spec.rpartition(":") if spec.rpartition(":")[2].isdigit() else (spec, "", "")
+  directory = os.path.join(os.path.abspath(os.path.expanduser(path)), "checkpoints")
+  if not os.path.isdir(directory):
+    raise UserError(f"init_from='{spec}': '{directory}' does not exist. Point init_from at the workdir "
+                    f"of an earlier run (optionally WORKDIR:STEP).")
+  source = Checkpointer(directory, async_save=False)
+  step = int(step) if step else source.latest_step()
+  if step is None or step not in source.manager.all_steps():
+    raise UserError(f"init_from='{spec}': no such checkpoint in {directory} "
+                    f"(steps: {sorted(source.manager.all_steps()) or 'none'}).")
+  meta = source.manager.item_metadata(step)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
+  saved = jax.device_get(source.manager.restore(step, args=ocp.args.StandardRestore(abstract)))
+  source.close()
+  flat = {param_path(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(saved["params"])[0]}
+  rx, copied = re.compile(include), []
+
+  def pick(p, x):
+    name, x = param_path(p), np.asarray(x)
+    if not rx.search(name) or name not in flat:
+      return x
+    src = flat[name]
+    if src.shape == x.shape:
+      copied.append(name)
+      return src.astype(x.dtype)
+    if name.endswith("pos_embedding") and src.ndim == 3 and src.shape[-1] == x.shape[-1]:
+      for prefix in (0, 1):
+        if _square(src.shape[1] - prefix) and _square(x.shape[1] - prefix):
+          copied.append(name)
+          return resize_posemb(src, x.shape[1], prefix).astype(x.dtype)
+    raise UserError(f"init_from='{spec}': parameter '{name}' is {src.shape} there but {x.shape} here. "
+                    f"Exclude it with --config.init_include (a regex of parameters to load).")
+  params = jax.tree_util.tree_map_with_path(pick, jax.device_get(target))
+  if not copied:
+    raise UserError(f"init_from='{spec}': no parameter matched init_include='{include}'.")
+  return params, copied

@@ -33,6 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data_dir = os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
   c.mesh = "data=-1,fsdp=1,tensor=1"
   c.init_from = ""  # another workdir (or workdir:STEP) whose params initialise this run
+  c.init_include = ".*"  # regex: which parameters init_from loads (e.g. '^encoder/')
   c.distributed = ml_collections.ConfigDict(
       dict(enable="auto", coordinator_address="", num_processes=0, process_id=-1))
 

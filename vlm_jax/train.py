@@ -193,6 +193,10 @@ def train(cfg, workdir: str) -> dict:
   s = build(cfg)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
   state, resumed = restore_or_init(s, ckpt)
+  if cfg.init_from and not resumed:
+    params, copied = checkpoint.load_params(cfg.init_from, state.params, cfg.init_include)
+    state = state.replace(params=jax.device_put(params, s.state_sharding.params))
+    print(f"Initialised {len(copied)} parameters from {cfg.init_from}", flush=True)
   start = int(jax.device_get(state.step))
   if lead:
     with open(os.path.join(workdir, "config.json"), "w") as f:
