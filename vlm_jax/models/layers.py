@@ -4,6 +4,8 @@ Parameters carry logical axis names (`embed`, `mlp`, `heads`, `kv`, `vocab`, ...
 activations are constrained with `act_*` names; `vlm_jax.parallel.RULES` maps them to the mesh.
 Attention weights are stored head-major as [embed, heads, head_dim] (q/k/v) and
 [heads, head_dim, embed] (output), which maps one-to-one onto Hugging Face's Linear layers.
+MultiHeadAttention also owns the decoding KV cache (flax "cache" collection): self-attention
+appends keys/values at `cache_index`; cross-attention projects the context once and reuses it.
 """
 
 from typing import Any, Optional
@@ -42,8 +44,9 @@ def remat_policy(name: str):
 def stack_layers(block_cls, depth: int, scan: bool, remat: str, static_argnums=()):
   """Returns a callable that builds `depth` blocks, scanned (one compiled body) or unrolled.
 
-  Blocks have signature `block(x, *broadcast_args) -> (x, None)`. With `scan`, the params of all
-  layers are stacked along a leading `layers` axis. `remat` is 'none' or a policy name.
+  Blocks have signature `block(x, *broadcast_args) -> (x, None)`. With `scan`, the params (and
+  the decoding cache, if any) of all layers are stacked along a leading `layers` axis. `remat` is
+  'none' or a policy name; `static_argnums` count `self` as 0.
   """
   if remat != "none":
     block_cls = nn.remat(block_cls, policy=remat_policy(remat), prevent_cse=not scan,
@@ -51,9 +54,8 @@ def stack_layers(block_cls, depth: int, scan: bool, remat: str, static_argnums=(
 
   def build(parent_kwargs, name="layers"):
     if scan:
-      n_bcast = len(static_argnums)
-      return nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                     in_axes=(nn.broadcast,) * n_bcast, length=depth,
+      return nn.scan(block_cls, variable_axes={"params": 0, "cache": 0},
+                     split_rngs={"params": True, "dropout": True}, in_axes=nn.broadcast, length=depth,
                      metadata_params={nn.PARTITION_NAME: "layers"})(name=name, **parent_kwargs)
     blocks = [block_cls(name=f"{name}_{i}", **parent_kwargs) for i in range(depth)]
 
@@ -88,7 +90,15 @@ class Mlp(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
-  """Multi-head attention, self (context=None) or cross; `mask` is boolean [B, 1|H, Q, K]."""
+  """Multi-head attention, self (context=None) or cross; `mask` is boolean [B, 1|H, Q, K].
+
+  `causal=True` adds a lower-triangular mask (self-attention). `decode=True` uses the "cache"
+  collection (apply with `mutable=["cache"]`): self-attention writes this call's keys/values into
+  `cached_key`/`cached_value` ([B, cache_len, H, hd], created on the first call) at `cache_index`
+  and attends causally over everything written so far, so a step may feed one token or a prefix;
+  cross-attention projects `context` once into `cached_cross_key`/`cached_cross_value` and later
+  calls read those (context may then be None). Parameters are the same in every mode.
+  """
   num_heads: int
   qkv_bias: bool = True
   dropout: float = 0.0
@@ -105,16 +115,48 @@ class MultiHeadAttention(nn.Module):
       y = y + b.astype(self.dtype)
     return constrain(y, ("act_batch", "act_length", "act_heads", "act_kv"))
 
+  def _self_cache(self, k, v, cache_len):
+    """Appends k, v [B, T, H, hd] to the cache; returns all cached k, v and the causal mask."""
+    b, t, h, hd = k.shape
+    length = cache_len or t
+    ck = self.variable("cache", "cached_key", jnp.zeros, (b, length, h, hd), k.dtype)
+    cv = self.variable("cache", "cached_value", jnp.zeros, (b, length, h, hd), v.dtype)
+    ci = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+    i = ci.value
+    ck.value = jax.lax.dynamic_update_slice(ck.value, k, (0, i, 0, 0))
+    cv.value = jax.lax.dynamic_update_slice(cv.value, v, (0, i, 0, 0))
+    ci.value = i + t
+    # Query j of this call sits at position i + j and may see every key at or before it.
+    mask = jnp.arange(length)[None, :] <= (i + jnp.arange(t))[:, None]
+    return ck.value, cv.value, mask[None, None]
+
   @nn.compact
-  def __call__(self, x, context=None, mask=None, deterministic: bool = True):
-    context = x if context is None else context
+  def __call__(self, x, context=None, mask=None, deterministic: bool = True, *, causal: bool = False,
+               decode: bool = False, cache_len: Optional[int] = None):
     d = x.shape[-1]
     if d % self.num_heads:
       raise ValueError(f"width {d} is not divisible by num_heads {self.num_heads}")
     hd = d // self.num_heads
     q = self._proj("query", x, self.num_heads, hd)
-    k = self._proj("key", context, self.num_heads, hd)
-    v = self._proj("value", context, self.num_heads, hd)
+    cross = context is not None or (decode and self.has_variable("cache", "cached_cross_key"))
+    if cross and decode and self.has_variable("cache", "cached_cross_key"):
+      k = self.get_variable("cache", "cached_cross_key")
+      v = self.get_variable("cache", "cached_cross_value")
+    else:
+      kv_in = context if cross else x
+      k = self._proj("key", kv_in, self.num_heads, hd)
+      v = self._proj("value", kv_in, self.num_heads, hd)
+      if cross and decode:
+        self.put_variable("cache", "cached_cross_key", k)
+        self.put_variable("cache", "cached_cross_value", v)
+    extra = None
+    if decode and not cross:
+      k, v, extra = self._self_cache(k, v, cache_len)
+    elif causal:
+      t = x.shape[1]
+      extra = jnp.tril(jnp.ones((t, t), bool))[None, None]
+    if extra is not None:
+      mask = extra if mask is None else jnp.logical_and(mask, extra)
     logits = jnp.einsum("bqhk,bthk->bhqt", q, k) / jnp.sqrt(hd).astype(self.dtype)
     if mask is not None:
       logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)

@@ -1,0 +1,216 @@
+"""Text towers: `Decoder` (captioning / VQA, cross-attends to image tokens) and `TextEncoder`.
+
+`Decoder` is a GPT-2-style pre-LN transformer, laid out so that it maps one-to-one onto Hugging
+Face `GPT2LMHeadModel(add_cross_attention=True)` (see `vlm_jax.hf.gpt2`): token embedding
+[vocab, D], learned position embedding [max_len, D] (no embedding scaling), blocks of
+ln1 -> causal self-attention -> ln_cross -> cross-attention -> ln2 -> MLP, final LayerNorm,
+output head tied to the token embedding or a separate bias-free [D, vocab] kernel. Encoder
+tokens of another width go through `enc_proj` first (HF's `enc_to_dec_proj`). With
+`decode=True` the attention layers keep a KV cache (see `layers.MultiHeadAttention`), and the
+position embedding is read at the cached position.
+
+`TextEncoder` is the text tower of a two-tower model: token + position embeddings, pre-LN blocks
+(bidirectional with a padding mask, or causal), final LayerNorm, pooled at the last non-pad
+token, the first token, or the mean of the non-pad tokens.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlm_jax.models.layers import BTD, Mlp, MultiHeadAttention, constrain, layer_norm, logical, stack_layers
+
+Dtype = Any
+TEXT_POOLS = ("last", "first", "mean")
+
+
+def _token_embed(vocab_size, width, dtype, param_dtype):
+  return nn.Embed(vocab_size, width, dtype=dtype, param_dtype=param_dtype, name="token_embed",
+                  embedding_init=logical(nn.initializers.normal(0.02), ("vocab", "embed")))
+
+
+def _pos_embed(module, max_len, width, param_dtype):
+  return module.param("pos_embedding", logical(nn.initializers.normal(0.02), ("length", "embed")),
+                      (max_len, width), param_dtype)
+
+
+class DecoderBlock(nn.Module):
+  num_heads: int
+  mlp_dim: int
+  max_len: int
+  dropout: float = 0.0
+  ln_eps: float = 1e-5
+  gelu_approximate: bool = True
+  causal: bool = True
+  decode: bool = False
+  deterministic: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, encoded, self_mask=None):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    drop = lambda y: nn.Dropout(self.dropout)(y, self.deterministic)
+    x = constrain(x, BTD)
+    y = layer_norm(self.ln_eps, name="ln1", **kw)(x)
+    y = MultiHeadAttention(self.num_heads, name="self_attn", **kw)(
+        y, mask=self_mask, deterministic=self.deterministic, causal=self.causal, decode=self.decode,
+        cache_len=self.max_len)
+    x = x + drop(y)
+    y = layer_norm(self.ln_eps, name="ln_cross", **kw)(x)
+    y = MultiHeadAttention(self.num_heads, name="cross_attn", **kw)(
+        y, context=encoded, deterministic=self.deterministic, decode=self.decode)
+    x = x + drop(y)
+    y = layer_norm(self.ln_eps, name="ln2", **kw)(x)
+    y = Mlp(self.mlp_dim, gelu_approximate=self.gelu_approximate, name="mlp", **kw)(y, self.deterministic)
+    x = x + drop(y)
+    return constrain(x, BTD), None
+
+
+class Decoder(nn.Module):
+  """tokens [B, T] int, encoded [B, N, De] -> logits [B, T, vocab] float32.
+
+  `causal=False` lets every position see every other (CapPa parallel prediction); a boolean
+  array [B] chooses per example (True: causal), so one batch can mix both objectives. `decode=True`
+  (apply with `mutable=["cache"]`) continues from the cached position: the first call creates the
+  cache (and projects `encoded` once), later calls may pass `encoded=None`.
+  """
+  vocab_size: int
+  width: int = 512
+  depth: int = 6
+  num_heads: int = 8
+  mlp_dim: int = 2048
+  max_len: int = 64
+  dropout: float = 0.0
+  ln_eps: float = 1e-5
+  gelu_approximate: bool = True
+  tie_embeddings: bool = True
+  scan_layers: bool = True
+  remat: str = "none"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens, encoded, *, causal: bool = True, decode: bool = False, deterministic: bool = True):
+    self_mask = None
+    if not isinstance(causal, bool):  # per-example choice: causal rows get the triangular mask
+      t = tokens.shape[1]
+      tril = jnp.tril(jnp.ones((t, t), bool))[None, None]
+      self_mask = jnp.logical_or(tril, ~jnp.asarray(causal, bool)[:, None, None, None])
+      causal = False
+      if decode:
+        raise ValueError("decode=True needs causal=True: the KV cache is for autoregressive decoding")
+    if decode and not causal:
+      raise ValueError("decode=True needs causal=True: the KV cache is for autoregressive decoding")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    t = tokens.shape[1]
+    embed = _token_embed(self.vocab_size, self.width, **kw)
+    x = embed(tokens)
+    pos = _pos_embed(self, self.max_len, self.width, self.param_dtype)
+    if decode:
+      if encoded is None and not self.has_variable("cache", "position"):
+        raise ValueError("the first decode=True call (which creates the cache) needs encoded")
+      index = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
+      pos = jax.lax.dynamic_slice_in_dim(pos, index.value, t, axis=0)
+      index.value = index.value + t
+    else:
+      if t > self.max_len:
+        raise ValueError(f"{t} tokens do not fit the decoder's max_len {self.max_len}")
+      pos = pos[:t]
+    x = constrain(x + pos.astype(self.dtype)[None], BTD)
+    x = nn.Dropout(self.dropout)(x, deterministic)
+    if encoded is not None:
+      encoded = encoded.astype(self.dtype)
+      if encoded.shape[-1] != self.width:
+        encoded = nn.Dense(self.width, name="enc_proj", kernel_init=logical(nn.initializers.xavier_uniform(),
+                                                                            (None, "embed")),
+                           bias_init=logical(nn.initializers.zeros, ("embed",)), **kw)(encoded)
+    elif not decode:
+      raise ValueError("encoded may be None only in decode=True calls after the first")
+    block_kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, max_len=self.max_len, dropout=self.dropout,
+                    ln_eps=self.ln_eps, gelu_approximate=self.gelu_approximate, causal=causal, decode=decode,
+                    deterministic=deterministic, **kw)
+    remat = "none" if decode else self.remat  # nothing to save for a backward pass while decoding
+    args = (encoded,) if self_mask is None else (encoded, self_mask)
+    x, _ = stack_layers(DecoderBlock, self.depth, self.scan_layers, remat)(block_kw)(x, *args)
+    x = layer_norm(self.ln_eps, name="norm", **kw)(x)
+    if self.tie_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = nn.Dense(self.vocab_size, use_bias=False, name="head",
+                        kernel_init=logical(nn.initializers.normal(0.02), ("embed", "vocab")), **kw)(x)
+    return constrain(logits.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
+
+
+class TextEncoderBlock(nn.Module):
+  num_heads: int
+  mlp_dim: int
+  dropout: float = 0.0
+  ln_eps: float = 1e-5
+  gelu_approximate: bool = True
+  deterministic: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = constrain(x, BTD)
+    y = layer_norm(self.ln_eps, name="ln1", **kw)(x)
+    y = MultiHeadAttention(self.num_heads, name="attn", **kw)(y, mask=mask, deterministic=self.deterministic)
+    x = x + nn.Dropout(self.dropout)(y, self.deterministic)
+    y = layer_norm(self.ln_eps, name="ln2", **kw)(x)
+    y = Mlp(self.mlp_dim, gelu_approximate=self.gelu_approximate, name="mlp", **kw)(y, self.deterministic)
+    x = x + nn.Dropout(self.dropout)(y, self.deterministic)
+    return constrain(x, BTD), None
+
+
+class TextEncoder(nn.Module):
+  """tokens [B, T] int (right-padded with `pad_id`) -> (pooled [B, D], tokens [B, T, D])."""
+  vocab_size: int
+  width: int = 512
+  depth: int = 6
+  num_heads: int = 8
+  mlp_dim: int = 2048
+  max_len: int = 64
+  causal: bool = False
+  pool: str = "last"
+  pad_id: int = 0
+  dropout: float = 0.0
+  ln_eps: float = 1e-5
+  gelu_approximate: bool = True
+  scan_layers: bool = True
+  remat: str = "none"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens, *, deterministic: bool = True):
+    if self.pool not in TEXT_POOLS:
+      raise ValueError(f"pool must be one of {TEXT_POOLS}, got {self.pool!r}")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    b, t = tokens.shape
+    if t > self.max_len:
+      raise ValueError(f"{t} tokens do not fit the text encoder's max_len {self.max_len}")
+    x = _token_embed(self.vocab_size, self.width, **kw)(tokens)
+    x = x + _pos_embed(self, self.max_len, self.width, self.param_dtype)[:t].astype(self.dtype)[None]
+    x = nn.Dropout(self.dropout)(constrain(x, BTD), deterministic)
+    valid = tokens != self.pad_id
+    mask = valid[:, None, None, :]  # keys: padding is never attended to
+    if self.causal:
+      mask = jnp.logical_and(mask, jnp.tril(jnp.ones((t, t), bool))[None, None])
+    block_kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout, ln_eps=self.ln_eps,
+                    gelu_approximate=self.gelu_approximate, deterministic=deterministic, **kw)
+    x, _ = stack_layers(TextEncoderBlock, self.depth, self.scan_layers, self.remat)(block_kw)(x, mask)
+    x = layer_norm(self.ln_eps, name="norm", **kw)(x)
+    if self.pool == "first":
+      pooled = x[:, 0]
+    elif self.pool == "last":
+      last = jnp.max(jnp.where(valid, jnp.arange(t)[None], 0), axis=1)
+      pooled = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+    else:
+      w = valid.astype(x.dtype)[..., None]
+      pooled = (x * w).sum(1) / jnp.maximum(w.sum(1), 1)
+    return pooled, x
