@@ -57,12 +57,24 @@ def base_config() -> ml_collections.ConfigDict:
       flip=False,
       mean=(0.5, 0.5, 0.5),
       std=(0.5, 0.5, 0.5),
-      prefetch=2))
+      prefetch=2,
+      # Text (captioning / VQA / contrastive): "" (none), "caption" or "qa".
+      text="",
+      caption_key="caption",  # a string or a list of strings (several references), e.g. captions/text
+      question_key="qa/question",
+      answer_key="qa/answer",
+      max_len=32,  # tokens per sequence, BOS and EOS included
+      max_text_bytes=512,  # raw UTF-8 bytes kept per text field before tokenisation
+      tokenizer="",  # path of a tokenizer.json; empty: trained on the train split and cached
+      vocab_size=1000))
 
   c.evals = ml_collections.ConfigDict(dict(
       splits="validation,test",
       batch_size=256,
-      pictures=16))  # example predictions drawn per evaluation; 0 disables
+      pictures=16,  # example predictions drawn per evaluation; 0 disables
+      decode="greedy",  # text tasks: greedy, beam or sample
+      beam_size=4,
+      decode_len=0))  # tokens generated per example; 0: input.max_len - 1
   return c
 
 
