@@ -140,32 +140,43 @@ def restore_or_init(s: Setup, ckpt: checkpoint.Checkpointer):
 
 def evaluate(s: Setup, params, step: int, workdir: str = None) -> dict:
   """Runs the task's evaluation on every split of `evals.splits`; returns {'SPLIT/METRIC': value}."""
-  cfg = s.cfg
+  cfg, task = s.cfg, s.task
   local = cfg.evals.batch_size // s.host.count
-  eval_step = jax.jit(s.task.eval_fn)
-  predict = jax.jit(s.task.predict_fn)
+  eval_step = jax.jit(task.eval_fn)
+  predict = jax.jit(task.predict_fn)
+  tok = getattr(task, "tokenizer", None)
   results = {}
   for split in [x.strip() for x in cfg.evals.splits.split(",") if x.strip()]:
-    _, batches = pipeline.eval_batches(cfg.input, cfg.data_dir, split, local, s.host)
-    sums = None
+    _, batches = pipeline.eval_batches(cfg.input, cfg.data_dir, split, local, s.host, tok)
+    sums, records = None, []
     for i, batch in enumerate(batches):
       with s.context():
         gb = parallel.shard_batch(batch, s.mesh)
         out = eval_step(params, gb)
         sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-        if i == 0 and workdir and cfg.evals.pictures:
-          _draw(s, gb, predict(params, gb), os.path.join(workdir, "pictures", f"{split}_{step:07d}.png"))
-    for k, v in s.task.summarize(jax.device_get(sums)).items():
+        picture = i == 0 and workdir and cfg.evals.pictures
+        preds = predict(params, gb) if task.decodes or picture else None
+      if task.decodes:
+        fields = {k: gb[k] for k in (*task.text_fields, "_mask")}
+        records += task.collect(*_gather(fields, preds))
+      if picture:
+        _draw(s, gb, preds, os.path.join(workdir, "pictures", f"{split}_{step:07d}.png"))
+    for k, v in task.summarize(jax.device_get(sums), records).items():
       results[f"{split}/{k}"] = v
   return results
 
 
+def _gather(*trees):
+  """Global (sharded) arrays -> numpy on every process."""
+  return [jax.tree.map(np.asarray, multihost_utils.process_allgather(t, tiled=True)) for t in trees]
+
+
 def _draw(s: Setup, batch, preds, path):
   n = s.cfg.evals.pictures
-  local = multihost_utils.process_allgather({"batch": batch, "preds": preds}, tiled=True)
+  batch, preds = _gather(batch, preds)
   if jax.process_index() == 0:
-    take = lambda t: jax.tree.map(lambda x: np.asarray(x)[:n], t)
-    items = s.task.draw(take(local["batch"]), take(local["preds"]))
+    take = lambda t: jax.tree.map(lambda x: x[:n], t)
+    items = s.task.draw(take(batch), take(preds))
     vlog.draw_grid(items, path, s.cfg.input.mean, s.cfg.input.std)
 
 
@@ -201,6 +212,8 @@ def train(cfg, workdir: str) -> dict:
   if lead:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config_lib.to_json(cfg))
+    if getattr(s.task, "tokenizer", None) is not None:  # a checkpoint travels with its tokenizer
+      s.task.tokenizer.save(os.path.join(workdir, "tokenizer.json"))
     if resumed:
       _trim_metrics(workdir, start)
   writer = vlog.MetricsWriter(workdir, enabled=lead)
@@ -212,7 +225,8 @@ def train(cfg, workdir: str) -> dict:
     return {}
 
   local_batch = cfg.batch_size // s.host.count
-  batches = pipeline.train_batches(cfg.input, cfg.data_dir, cfg.seed, local_batch, start, s.host)
+  batches = pipeline.train_batches(cfg.input, cfg.data_dir, cfg.seed, local_batch, start, s.host,
+                                   getattr(s.task, "tokenizer", None))
   train_step = make_train_step(s)
   progress = vlog.Progress(cfg.total_steps, start, enabled=lead)
   last_eval, t0, n0 = {}, time.perf_counter(), start

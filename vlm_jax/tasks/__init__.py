@@ -6,16 +6,19 @@
   task.loss_fn(params, batch, rng) -> (loss, metrics)      inside the jitted train step
   task.eval_fn(params, batch)     -> dict of per-batch sums (masked by batch["_mask"])
   task.predict_fn(params, batch)  -> dict of predictions (evaluator pictures, predict CLI)
-  task.summarize(sums)            -> dict of metric values named as in the contract
+  task.decodes, task.text_fields  whether evaluation predicts every batch; text fields to gather
+  task.collect(batch, preds)      -> host-side records (prediction, references) when `decodes`
+  task.summarize(sums, records)   -> dict of metric values named as in the contract
   task.draw(batch, predictions)   -> list of (image, caption) pairs for the example picture
 
 `TASKS` maps a config's `task` name to its module; it is the only registry.
 """
 
-from vlm_jax.tasks import classification
+from vlm_jax.tasks import captioning, classification
 
 TASKS = {
     "classification": classification,
+    "captioning": captioning,  # and VQA (input.text = "qa")
 }
 
 

@@ -1,8 +1,5 @@
 """Image classification with a ViT: softmax cross-entropy, top-1 accuracy."""
 
-import dataclasses
-
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +12,8 @@ from vlm_jax.tasks.common import module_kwargs
 
 class Task:
   name = "classification"
+  decodes = False
+  text_fields = ()
 
   def __init__(self, cfg, data_info):
     if not data_info.num_classes:
@@ -57,7 +56,7 @@ class Task:
     probs = jax.nn.softmax(self._logits(params, batch["image"], False))
     return {"label": probs.argmax(-1), "prob": probs.max(-1)}
 
-  def summarize(self, sums) -> dict:
+  def summarize(self, sums, records=()) -> dict:
     n = max(float(sums["count"]), 1.0)
     return {"accuracy": float(sums["correct"]) / n, "loss": float(sums["loss"]) / n}
 

@@ -8,8 +8,9 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 
 def module_kwargs(model_cfg, exclude=()) -> dict:
-  """A config's `model` ConfigDict as keyword arguments of a Flax module (dtype names resolved)."""
-  kw = {k: v for k, v in model_cfg.to_dict().items() if k not in exclude}
+  """A config's `model` ConfigDict (or a dict) as keyword arguments of a Flax module (dtype names resolved)."""
+  d = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
+  kw = {k: v for k, v in d.items() if k not in exclude}
   for key in ("dtype", "param_dtype"):
     if key in kw:
       if kw[key] not in DTYPES:

@@ -1,0 +1,27 @@
+"""CPU recipe: VQA fine-tuning on `shapes`, initialised from a captioning run.
+
+python -m vlm_jax.train --config configs/vqa_shapes.py --workdir /tmp/vqa_shapes \
+    --config.init_from=/tmp/cappa_shapes
+The question is a prompt (`[BOS] question [SEP]`), the loss covers only the answer; evaluation
+generates answers and reports test/vqa_accuracy. The tokenizer must be the captioning run's
+(`input.tokenizer` defaults to INIT_FROM/tokenizer.json when init_from is set).
+"""
+
+import importlib.util
+import os
+
+_spec = importlib.util.spec_from_file_location("cappa_shapes", os.path.join(os.path.dirname(__file__), "cappa_shapes.py"))
+cappa_shapes = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cappa_shapes)
+
+
+def get_config(arg: str = ""):
+  c = cappa_shapes.get_config(arg)
+  c.input.text = "qa"
+  c.model.masked_pred_prob = 0.0
+  c.total_steps = 20 if arg == "tiny" else 1500
+  c.eval_every_steps = 10 if arg == "tiny" else 500
+  c.optimizer.learning_rate = 1e-3 if arg == "tiny" else 5e-4
+  c.optimizer.warmup_steps = 1 if arg == "tiny" else 100
+  c.evals.decode_len = 4
+  return c

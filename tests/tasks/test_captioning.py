@@ -1,0 +1,50 @@
+"""Captioning and VQA through the one trainer: losses fall, metrics of the contract, fine-tuning."""
+
+import os
+
+import jax
+import numpy as np
+
+from vlm_jax import config, logging as vlog, parallel, train
+from vlm_jax.data import pipeline
+
+from conftest import REPO
+
+
+def _cfg(data_dir, recipe="cappa_shapes"):
+  cfg = config.load(os.path.join(REPO, f"configs/{recipe}.py:tiny"))
+  cfg.data_dir = data_dir
+  return cfg
+
+
+def test_parallel_prediction_changes_the_objective(data_dir):
+  cfg = _cfg(data_dir)
+  s = train.build(cfg, devices=jax.devices()[:1])
+  batch = next(pipeline.train_batches(cfg.input, data_dir, 0, 8, tokenizer=s.task.tokenizer))
+  assert batch["tokens"][:, 0].tolist() == [s.task.tokenizer.bos_id] * 8
+  with s.context():
+    params = s.init_state(jax.random.PRNGKey(0)).params
+    gb = parallel.shard_batch(batch, s.mesh)
+    s.task.masked_pred_prob = 0.0
+    causal = float(s.task.loss_fn(params, gb, jax.random.PRNGKey(1))[0])
+    s.task.masked_pred_prob = 1.0
+    masked = float(s.task.loss_fn(params, gb, jax.random.PRNGKey(1))[0])
+  assert np.isfinite(causal) and np.isfinite(masked) and abs(causal - masked) > 1e-4
+
+
+def test_caption_then_vqa_finetune(data_dir, tmp_path):
+  cfg = _cfg(data_dir)
+  cap = str(tmp_path / "cap")
+  results = train.train(cfg, cap)
+  assert {"test/bleu4", "test/cider", "test/perplexity", "validation/bleu4"} <= set(results)
+  rows = [r for r in vlog.read_metrics(cap) if "train/loss" in r]
+  assert rows[-1]["train/loss"] < rows[0]["train/loss"]
+  assert os.path.exists(os.path.join(cap, "tokenizer.json"))
+  assert os.listdir(os.path.join(cap, "pictures"))
+
+  vqa = _cfg(data_dir, "vqa_shapes")
+  vqa.init_from = cap
+  results = train.train(vqa, str(tmp_path / "vqa"))
+  assert 0.0 <= results["test/vqa_accuracy"] <= 1.0 and "test/perplexity" in results
+  rows = [r for r in vlog.read_metrics(str(tmp_path / "vqa")) if "train/loss" in r]
+  assert rows[-1]["train/loss"] < rows[0]["train/loss"]
