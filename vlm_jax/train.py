@@ -7,6 +7,7 @@ Running the same command again resumes from the latest checkpoint in DIR.
 """
 
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -188,7 +189,7 @@ def _trim_metrics(workdir: str, last_step: int) -> None:
   if len(keep) != len(rows):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-      f.writelines(__import__("json").dumps(r) + "\n" for r in keep)
+      f.writelines(json.dumps(r) + "\n" for r in keep)
     os.replace(tmp, path)
 
 
@@ -212,6 +213,8 @@ def train(cfg, workdir: str) -> dict:
   if lead:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config_lib.to_json(cfg))
+    with open(os.path.join(workdir, "data_info.json"), "w") as f:  # lets predict run without the dataset
+      json.dump(dataclasses.asdict(s.data_info), f, indent=2)
     if getattr(s.task, "tokenizer", None) is not None:  # a checkpoint travels with its tokenizer
       s.task.tokenizer.save(os.path.join(workdir, "tokenizer.json"))
     if resumed:

@@ -119,6 +119,9 @@ class Task:
     prompt = batch["prompt"] if self.mode == "qa" else None
     return {"tokens": self.decoder(self.model, params, batch["image"], prompt)}
 
+  def format(self, preds) -> list:
+    return self.tokenizer.decode_batch(np.asarray(preds["tokens"]))
+
   def collect(self, batch, preds) -> list:
     """Host side: (prediction, references) for every real row of a gathered batch."""
     keep = np.asarray(batch["_mask"]) == 1

@@ -60,6 +60,9 @@ class Task:
     n = max(float(sums["count"]), 1.0)
     return {"accuracy": float(sums["correct"]) / n, "loss": float(sums["loss"]) / n}
 
+  def format(self, preds) -> list:
+    return [f"{self._name(i)} ({p:.3f})" for i, p in zip(preds["label"], preds["prob"])]
+
   def draw(self, batch, preds):
     out = []
     for img, label, pred, prob in zip(batch["image"], batch["label"], preds["label"], preds["prob"]):
