@@ -3,9 +3,7 @@
 import os
 import shutil
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

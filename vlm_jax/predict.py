@@ -6,7 +6,6 @@ GIF, BMP) go through the run's own evaluation preprocessing; a missing or unread
 `PATH<TAB>error: ...` and the others still run (exit status 1 if any failed).
 """
 
-import dataclasses
 import json
 import os
 import sys

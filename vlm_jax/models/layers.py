@@ -174,3 +174,32 @@ def layer_norm(eps, dtype, param_dtype, name):
   return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name,
                       scale_init=logical(nn.initializers.ones, ("embed",)),
                       bias_init=logical(nn.initializers.zeros, ("embed",)))
+
+
+class EncoderBlock(nn.Module):
+  """Pre-LN transformer block: x + Attn(LN(x)), then x + Mlp(LN(x)); `mask` [B, 1|H, T, T] optional.
+
+  Shared by the ViT encoder and the text encoder (same parameter names: ln1, attn, ln2, mlp).
+  """
+  num_heads: int
+  mlp_dim: int
+  dropout: float = 0.0
+  ln_eps: float = 1e-6
+  gelu_approximate: bool = False
+  deterministic: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask=None):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    drop = lambda y: nn.Dropout(self.dropout)(y, self.deterministic)
+    x = constrain(x, BTD)
+    y = layer_norm(self.ln_eps, name="ln1", **kw)(x)
+    y = MultiHeadAttention(self.num_heads, name="attn", **kw)(y, mask=mask, deterministic=self.deterministic)
+    x = x + drop(y)
+    y = layer_norm(self.ln_eps, name="ln2", **kw)(x)
+    y = Mlp(self.mlp_dim, dropout=self.dropout, gelu_approximate=self.gelu_approximate, name="mlp", **kw)(
+        y, self.deterministic)
+    x = x + drop(y)
+    return constrain(x, BTD), None

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.models.layers import BTD, Mlp, MultiHeadAttention, constrain, layer_norm, logical, stack_layers
+from vlm_jax.models.layers import BTD, EncoderBlock, Mlp, MultiHeadAttention, constrain, layer_norm, logical, stack_layers
 
 Dtype = Any
 TEXT_POOLS = ("last", "first", "mean")
@@ -144,29 +144,6 @@ class Decoder(nn.Module):
     return constrain(logits.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
 
 
-class TextEncoderBlock(nn.Module):
-  num_heads: int
-  mlp_dim: int
-  dropout: float = 0.0
-  ln_eps: float = 1e-5
-  gelu_approximate: bool = True
-  deterministic: bool = True
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, mask):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = constrain(x, BTD)
-    y = layer_norm(self.ln_eps, name="ln1", **kw)(x)
-    y = MultiHeadAttention(self.num_heads, name="attn", **kw)(y, mask=mask, deterministic=self.deterministic)
-    x = x + nn.Dropout(self.dropout)(y, self.deterministic)
-    y = layer_norm(self.ln_eps, name="ln2", **kw)(x)
-    y = Mlp(self.mlp_dim, gelu_approximate=self.gelu_approximate, name="mlp", **kw)(y, self.deterministic)
-    x = x + nn.Dropout(self.dropout)(y, self.deterministic)
-    return constrain(x, BTD), None
-
-
 class TextEncoder(nn.Module):
   """tokens [B, T] int (right-padded with `pad_id`) -> (pooled [B, D], tokens [B, T, D])."""
   vocab_size: int
@@ -203,7 +180,7 @@ class TextEncoder(nn.Module):
       mask = jnp.logical_and(mask, jnp.tril(jnp.ones((t, t), bool))[None, None])
     block_kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout, ln_eps=self.ln_eps,
                     gelu_approximate=self.gelu_approximate, deterministic=deterministic, **kw)
-    x, _ = stack_layers(TextEncoderBlock, self.depth, self.scan_layers, self.remat)(block_kw)(x, mask)
+    x, _ = stack_layers(EncoderBlock, self.depth, self.scan_layers, self.remat)(block_kw)(x, mask)
     x = layer_norm(self.ln_eps, name="norm", **kw)(x)
     if self.pool == "first":
       pooled = x[:, 0]

@@ -14,32 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlm_jax.models.layers import BTD, Mlp, MultiHeadAttention, constrain, layer_norm, logical, stack_layers
+from vlm_jax.models.layers import BTD, EncoderBlock, Mlp, MultiHeadAttention, constrain, layer_norm, logical, stack_layers
 
 Dtype = Any
 POOLS = ("cls", "gap", "map", "none")
-
-
-class EncoderBlock(nn.Module):
-  num_heads: int
-  mlp_dim: int
-  dropout: float = 0.0
-  ln_eps: float = 1e-6
-  gelu_approximate: bool = False
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, deterministic: bool = True):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = constrain(x, BTD)
-    y = layer_norm(self.ln_eps, name="ln1", **kw)(x)
-    y = MultiHeadAttention(self.num_heads, dropout=0.0, name="attn", **kw)(y, deterministic=deterministic)
-    x = x + nn.Dropout(self.dropout)(y, deterministic)
-    y = layer_norm(self.ln_eps, name="ln2", **kw)(x)
-    y = Mlp(self.mlp_dim, dropout=self.dropout, gelu_approximate=self.gelu_approximate, name="mlp", **kw)(y, deterministic)
-    x = x + nn.Dropout(self.dropout)(y, deterministic)
-    return constrain(x, BTD), None
 
 
 class Encoder(nn.Module):
@@ -57,9 +35,9 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
     kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout, ln_eps=self.ln_eps,
-              gelu_approximate=self.gelu_approximate, dtype=self.dtype, param_dtype=self.param_dtype)
-    blocks = stack_layers(EncoderBlock, self.depth, self.scan_layers, self.remat, static_argnums=(2,))(kw)
-    x, _ = blocks(x, deterministic)
+              gelu_approximate=self.gelu_approximate, deterministic=deterministic, dtype=self.dtype,
+              param_dtype=self.param_dtype)
+    x, _ = stack_layers(EncoderBlock, self.depth, self.scan_layers, self.remat)(kw)(x)
     return layer_norm(self.ln_eps, self.dtype, self.param_dtype, "norm")(x)
 
 
