@@ -14,10 +14,10 @@ from vlm_jax.config import base_config
 def get_config(arg: str = ""):
   c = base_config()
   c.task = "captioning"
-  c.total_steps = 3000
+  c.total_steps = 1500
   c.batch_size = 128
   c.log_every_steps = 50
-  c.eval_every_steps = 1000
+  c.eval_every_steps = 500
   c.checkpoint_every_steps = 250
 
   c.input.data = "shapes"

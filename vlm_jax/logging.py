@@ -76,7 +76,7 @@ def draw_grid(items, path: str, mean, std, cell: int = 160, cols: int = 4) -> No
   if not items:
     return
   rows = -(-len(items) // cols)
-  text_h = 56
+  text_h = 112  # up to 8 wrapped lines: a caption and its reference
   canvas = Image.new("RGB", (cols * cell, rows * (cell + text_h)), "white")
   draw = ImageDraw.Draw(canvas)
   for k, (img, text, ok) in enumerate(items):
@@ -84,7 +84,7 @@ def draw_grid(items, path: str, mean, std, cell: int = 160, cols: int = 4) -> No
     tile = Image.fromarray(pixels.astype(np.uint8)).resize((cell - 8, cell - 8), Image.NEAREST)
     x, y = (k % cols) * cell, (k // cols) * (cell + text_h)
     canvas.paste(tile, (x + 4, y + 4))
-    lines = [ln for part in str(text).split("\n") for ln in textwrap.wrap(part, 26)][:4]
+    lines = [ln for part in str(text).split("\n") for ln in textwrap.wrap(part, 26)][:8]
     draw.multiline_text((x + 4, y + cell), "\n".join(lines), fill=(0, 110, 0) if ok else (190, 0, 0))
   os.makedirs(os.path.dirname(path), exist_ok=True)
   canvas.save(path)
