@@ -102,9 +102,7 @@ def build(cfg, data_info=None, devices=None) -> Setup:
     params = nn.meta.unbox(task.init(rng, dummy))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
 
-  abstract = jax.eval_shape(tx.init, params_abs)
-  opt_specs = optax.tree_map_params(tx, lambda _, s: s, abstract, param_specs,
-                                    transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P))
+  opt_specs = optim.state_specs(jax.eval_shape(tx.init, params_abs), params_abs, param_specs)
   logical = TrainState(step=P(), params=param_specs, opt_state=opt_specs, rng=P())
   state_sharding = nn.logical_to_mesh_sharding(logical, mesh, rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -121,6 +119,7 @@ def make_train_step(s: Setup):
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(state.rng, state.step)
     (loss, metrics), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(state.params, batch, rng)
+    grads = optim.zero_frozen(s.cfg.optimizer, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {**metrics, "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step)}
