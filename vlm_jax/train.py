@@ -203,6 +203,10 @@ def train(cfg, workdir: str) -> dict:
     raise UserError(f"cannot create workdir '{workdir}': {e.strerror}. Choose a writable --workdir.") from None
   s = build(cfg)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
+  tok = getattr(s.task, "tokenizer", None)
+  if tok is not None and ckpt.latest_step() is not None:
+    tasks.captioning.check_same_tokenizer(tok, workdir, f"Resume with --config.input.tokenizer="
+                                          f"{workdir}/tokenizer.json, or use a new --workdir.")
   state, resumed = restore_or_init(s, ckpt)
   if cfg.init_from and not resumed:
     params, copied = checkpoint.load_params(cfg.init_from, state.params, cfg.init_include)
@@ -227,8 +231,9 @@ def train(cfg, workdir: str) -> dict:
     return {}
 
   local_batch = cfg.batch_size // s.host.count
+  text_stats = pipeline.TextStats()
   batches = pipeline.train_batches(cfg.input, cfg.data_dir, cfg.seed, local_batch, start, s.host,
-                                   getattr(s.task, "tokenizer", None))
+                                   getattr(s.task, "tokenizer", None), text_stats)
   train_step = make_train_step(s)
   progress = vlog.Progress(cfg.total_steps, start, enabled=lead)
   last_eval, t0, n0 = {}, time.perf_counter(), start
@@ -240,6 +245,8 @@ def train(cfg, workdir: str) -> dict:
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       dt = time.perf_counter() - t0
       metrics["images_per_s"] = (step - n0) * cfg.batch_size / max(dt, 1e-9)
+      if cfg.input.text:  # this process's texts cut to input.max_len since it started
+        metrics["texts_truncated"] = text_stats.truncated
       t0, n0 = time.perf_counter(), step
       writer.write(step, {f"train/{k}": v for k, v in metrics.items()})
       progress.update(0, loss=metrics["loss"], img_s=round(metrics["images_per_s"], 1))
