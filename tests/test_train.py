@@ -7,9 +7,11 @@ import jax
 import numpy as np
 import pytest
 
-from vlm_jax import checkpoint, logging as vlog, parallel, train
+from vlm_jax import checkpoint, config, logging as vlog, parallel, train
 from vlm_jax.data import pipeline
 from vlm_jax.errors import UserError
+
+from conftest import REPO
 
 
 def _batch(cfg, n):
@@ -135,6 +137,18 @@ def test_init_from_other_run_resizes_position_embedding(tiny_config, tmp_path):
   np.testing.assert_array_equal(params["head"]["kernel"], np.asarray(fresh["head"]["kernel"]))
   with pytest.raises(UserError, match="does not exist"):
     checkpoint.load_params(str(tmp_path / "nothing"), fresh)
+
+  # The classifier's encoder as a captioner's image tower: source paths get the 'img/' prefix.
+  cap = config.load(os.path.join(REPO, "configs/cappa_shapes.py:tiny"))
+  cap.data_dir = cfg.data_dir
+  sc = train.build(cap)
+  with sc.context():
+    fresh = sc.init_state(jax.random.PRNGKey(0)).params
+  with pytest.raises(UserError, match="init_prefix"):
+    checkpoint.load_params(str(tmp_path / "pre"), fresh, include="^img/encoder/")
+  params, copied = checkpoint.load_params(str(tmp_path / "pre"), fresh, "^img/encoder/", prefix="img/")
+  assert copied and all(p.startswith("img/encoder/") for p in copied)
+  jax.tree.map(np.testing.assert_array_equal, params["img"]["encoder"], jax.device_get(source["encoder"]))
 
 
 def test_finetune_with_frozen_encoder_keeps_it_bitwise(tiny_config, tmp_path):

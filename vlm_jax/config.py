@@ -34,6 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = "data=-1,fsdp=1,tensor=1"
   c.init_from = ""  # another workdir (or workdir:STEP) whose params initialise this run
   c.init_include = ".*"  # regex: which parameters init_from loads (e.g. '^encoder/')
+  c.init_prefix = ""  # put the source's params under this path, e.g. 'img/': a classifier's ViT -> captioner
   c.distributed = ml_collections.ConfigDict(
       dict(enable="auto", coordinator_address="", num_processes=0, process_id=-1))
 

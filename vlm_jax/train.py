@@ -209,7 +209,8 @@ def train(cfg, workdir: str) -> dict:
                                           f"{workdir}/tokenizer.json, or use a new --workdir.")
   state, resumed = restore_or_init(s, ckpt)
   if cfg.init_from and not resumed:
-    params, copied = checkpoint.load_params(cfg.init_from, state.params, cfg.init_include)
+    params, copied = checkpoint.load_params(cfg.init_from, state.params, cfg.init_include,
+                                              cfg.init_prefix)
     state = state.replace(params=jax.device_put(params, s.state_sharding.params))
     print(f"Initialised {len(copied)} parameters from {cfg.init_from}", flush=True)
   start = int(jax.device_get(state.step))
