@@ -10,12 +10,18 @@ import numpy as np
 IMAGE = 32
 
 
-def randomize(params, seed=0, scale=0.1):
-  """Every leaf plus noise: zero-initialised class tokens, heads, biases and LayerNorms become random."""
-  leaves, treedef = jax.tree.flatten(nn.meta.unbox(params))
+def random_params(model, *inputs, seed=0, scale=0.1):
+  """Random params of `model` (shapes by eval_shape, no init run): N(0, scale), LayerNorm scales 1 + N(0, scale).
+
+  Class tokens, heads, biases and LayerNorms that init would set to constants are random too.
+  """
+  shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), *inputs))["params"]
   rng = np.random.default_rng(seed)
-  out = [np.asarray(x, np.float32) + scale * rng.standard_normal(np.shape(x)).astype(np.float32) for x in leaves]
-  return jax.tree.unflatten(treedef, out)
+
+  def draw(path, s):
+    x = scale * rng.standard_normal(s.shape).astype(np.float32)
+    return x + 1 if str(getattr(path[-1], "key", "")) == "scale" else x
+  return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def input_config(image_size=IMAGE):

@@ -3,7 +3,6 @@ with nothing missing or unexpected, gives the same outputs (float32, <= 1e-4), a
 bit for bit. Shapes cannot alias: width 32 != mlp 48, 4 heads, 5 classes, 16 patches + 1.
 """
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ from safetensors.numpy import load_file
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from tests.hf.helpers import IMAGE, images, make_run, randomize, torch_images  # noqa: E402
+from tests.hf.helpers import IMAGE, images, make_run, random_params, torch_images  # noqa: E402
 from vlm_jax import checkpoint  # noqa: E402
 from vlm_jax.errors import UserError  # noqa: E402
 from vlm_jax.hf import export, vit  # noqa: E402
@@ -26,9 +25,8 @@ def _model(pool, classes, scan, approx, eps):
   return ViT(num_classes=classes, pool=pool, scan_layers=scan, gelu_approximate=approx, ln_eps=eps, **ARCH)
 
 
-def _init(model, seed=0):
-  x = np.zeros((1, IMAGE, IMAGE, 3), np.float32)
-  return randomize(model.init(jax.random.PRNGKey(seed), x)["params"], seed)
+def _init(model, seed=0, size=IMAGE):
+  return random_params(model, np.zeros((1, size, size, 3), np.float32), seed=seed)
 
 
 CASES = [  # pool, classifier, scan, tanh GELU, ln_eps, expected HF class
@@ -87,7 +85,7 @@ def test_import_hf_saved_vit_into_gap_model_at_another_resolution(tmp_path):
   assert np.abs(np.asarray(aux["tokens"]) - ref).max() <= 1e-4
 
   gap = ViT(num_classes=3, pool="gap", scan_layers=False, ln_eps=1e-12, **ARCH)
-  target = nn.meta.unbox(gap.init(jax.random.PRNGKey(0), np.zeros((1, 48, 48, 3), np.float32))["params"])
+  target = _init(gap, size=48)
   params, copied = checkpoint.load_params(f"hf:{tmp_path / 'dino'}", target, include="^(embedding|encoder|pos)")
   assert "pos_embedding" in copied and not any(c.startswith("head") for c in copied)
   assert params["pos_embedding"].shape == (1, 36, 32)
@@ -111,7 +109,7 @@ def test_import_refuses_other_architectures_and_sizes(tmp_path):
   params = _init(model)
   export.write(make_run(model, params, class_names=CLASSES), str(tmp_path / "vit"))
   wider = ViT(num_classes=5, pool="cls", patch_size=8, width=64, depth=2, num_heads=4, mlp_dim=48)
-  target = nn.meta.unbox(wider.init(jax.random.PRNGKey(0), np.zeros((1, IMAGE, IMAGE, 3), np.float32))["params"])
+  target = _init(wider)
   with pytest.raises(UserError, match=r"is a different size: its width is 32, this config builds 64"):
     checkpoint.load_params(f"hf:{tmp_path / 'vit'}", target)
   gpt2 = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=11, n_positions=8)
