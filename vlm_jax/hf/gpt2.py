@@ -18,6 +18,8 @@ from typing import Mapping, Optional
 
 import numpy as np
 
+from vlm_jax.hf.tree import stacked, unstacked_blocks
+
 _LN = (("ln_1", "ln1"), ("ln_cross_attn", "ln_cross"), ("ln_2", "ln2"))
 
 
@@ -85,10 +87,7 @@ def decoder_from_gpt2_state_dict(state_dict: Mapping, depth: int, num_heads: int
   params = {"token_embed": {"embedding": wte}, "pos_embedding": _np(sd["transformer.wpe.weight"]),
             "norm": _ln_from(sd, "transformer.ln_f")}
   blocks = [_block_from(sd, f"transformer.h.{i}", num_heads) for i in range(depth)]
-  if scan_layers:
-    params["layers"] = _stack(blocks)
-  else:
-    params.update({f"layers_{i}": b for i, b in enumerate(blocks)})
+  params.update(stacked(blocks, scan_layers))
   head = _np(sd["lm_head.weight"]) if "lm_head.weight" in sd else None
   if tie_embeddings is None:
     tie_embeddings = head is None or np.array_equal(head, wte)
@@ -100,31 +99,6 @@ def decoder_from_gpt2_state_dict(state_dict: Mapping, depth: int, num_heads: int
     params["enc_proj"] = {"kernel": _np(sd["enc_to_dec_proj.weight"]).T.copy(),
                           "bias": _np(sd["enc_to_dec_proj.bias"])}
   return params
-
-
-def _stack(trees):
-  if isinstance(trees[0], dict):
-    return {k: _stack([t[k] for t in trees]) for k in trees[0]}
-  return np.stack(trees)
-
-
-def _index(tree, i):
-  if isinstance(tree, Mapping):
-    return {k: _index(v, i) for k, v in tree.items()}
-  return np.asarray(tree)[i]
-
-
-def _unstacked_blocks(params) -> list:
-  if "layers" in params:
-    depth = np.shape(params["layers"]["ln1"]["scale"])[0]
-    return [_index(params["layers"], i) for i in range(depth)]
-  blocks, i = [], 0
-  while f"layers_{i}" in params:
-    blocks.append(_index(params[f"layers_{i}"], slice(None)))
-    i += 1
-  if not blocks:
-    raise ValueError("params hold no decoder layers ('layers' or 'layers_0')")
-  return blocks
 
 
 def _attn_to(a):
@@ -146,7 +120,7 @@ def decoder_to_gpt2_state_dict(params: Mapping) -> dict:
   f = lambda x: np.ascontiguousarray(np.asarray(x, np.float32))
   wte = f(params["token_embed"]["embedding"])
   sd = {"transformer.wte.weight": wte, "transformer.wpe.weight": f(params["pos_embedding"])}
-  for i, blk in enumerate(_unstacked_blocks(params)):
+  for i, blk in enumerate(unstacked_blocks(params)):
     p = f"transformer.h.{i}"
     for theirs, ours in _LN:
       sd[f"{p}.{theirs}.weight"], sd[f"{p}.{theirs}.bias"] = f(blk[ours]["scale"]), f(blk[ours]["bias"])

@@ -29,12 +29,13 @@ from vlm_jax.tasks.common import module_kwargs
 
 
 def load_tokenizer(cfg):
-  """input.tokenizer if set; else the init_from run's tokenizer.json; else the dataset's own."""
+  """input.tokenizer if set; else the init_from run's (or HF folder's) tokenizer.json; else the dataset's own."""
   inp = cfg.input
   if inp.tokenizer:
     return tokenizer_lib.Tokenizer.load(inp.tokenizer)
   if cfg.init_from:
-    path = os.path.join(os.path.expanduser(cfg.init_from.split(":")[0]), "tokenizer.json")
+    src = cfg.init_from[3:] if cfg.init_from.startswith("hf:") else cfg.init_from.split(":")[0]  # hf:PATH
+    path = os.path.join(os.path.expanduser(src), "tokenizer.json")
     if os.path.exists(path):
       return tokenizer_lib.Tokenizer.load(path)
   return tokenizer_lib.tokenizer_for_dataset(inp.data, cfg.data_dir, inp.vocab_size)

@@ -1,0 +1,110 @@
+"""Export a training workdir to a Hugging Face folder (`tools/convert_to_hf.py`).
+
+`FAMILIES` is the one dispatch from a run's `task` to the family module that writes it; a family
+module has `export(run, out) -> HF class name`, writing config.json, model.safetensors and any
+model-specific file (generation_config.json) into `out`. Common files are written here: the image
+processor (`preprocessor_config.json`, our evaluation preprocessing) and, for runs with text, the
+tokenizer (the workdir's tokenizer.json wrapped as `PreTrainedTokenizerFast`). A two-tower family
+plugs in as `FAMILIES["contrastive"] = <module>`.
+
+Everything is written into a temporary folder next to `out` and moved into place at the end, so a
+failed export leaves `out` as it was. Only process 0 writes (every process restores its shards).
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from vlm_jax import checkpoint, train
+from vlm_jax.data.sources import DataInfo
+from vlm_jax.data.tokenizer import hf_fast_tokenizer
+from vlm_jax.errors import UserError
+from vlm_jax.evaluate import load_run_config
+from vlm_jax.hf import captioner, files, vit
+
+FAMILIES = {
+    "classification": vit,
+    "captioning": captioner,  # and VQA
+}
+
+
+@dataclasses.dataclass
+class Run:
+  """What a family exporter reads: the run's config, its task (model + tokenizer), numpy params."""
+  cfg: object
+  task: object
+  params: dict
+  class_names: list
+  encoder_only: bool = False
+
+
+def load_run(workdir: str, step=None, encoder_only: bool = False) -> tuple:
+  """Restores a workdir's params (numpy, on every process) with its own config; returns (Run, step)."""
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  cfg = load_run_config(workdir)
+  if cfg.task not in FAMILIES:
+    raise UserError(f"task '{cfg.task}' has no Hugging Face export yet (exportable: {', '.join(FAMILIES)}).")
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  steps = sorted(ckpt.manager.all_steps())
+  step = ckpt.latest_step() if step is None else step
+  if step is None or step not in steps:
+    ckpt.close()
+    raise UserError(f"no checkpoint{'' if step is None else f' at step {step}'} in {ckpt.directory} "
+                    f"(steps: {steps or 'none'}); train first with `python -m vlm_jax.train`.")
+  info_path = os.path.join(workdir, "data_info.json")
+  info = DataInfo(**json.load(open(info_path))) if os.path.exists(info_path) else None
+  with cfg.unlocked():
+    if os.path.exists(os.path.join(workdir, "tokenizer.json")):
+      cfg.input.tokenizer = os.path.join(workdir, "tokenizer.json")
+    cfg.init_from = ""
+  s = train.build(cfg, data_info=info)
+  with s.context():
+    params = ckpt.restore(step, s.abstract_state).params
+  ckpt.close()
+  if jax.process_count() > 1:
+    params = multihost_utils.process_allgather(params, tiled=True)
+  params = jax.tree.map(lambda x: np.asarray(x, np.float32), jax.device_get(params))
+  return Run(cfg, s.task, params, s.data_info.class_names, encoder_only), step
+
+
+def write(run: Run, out: str) -> str:
+  """Writes the HF folder for `run` into the (empty or new) folder `out`; returns the HF class name."""
+  name = FAMILIES[run.cfg.task].export(run, out)
+  files.save_json(out, "preprocessor_config.json", files.image_processor_config(run.cfg.input))
+  tok = getattr(run.task, "tokenizer", None)
+  if tok is not None and not run.encoder_only:
+    hf_fast_tokenizer(tok).save_pretrained(out)
+  return name
+
+
+def export_workdir(workdir: str, out: str, step=None, overwrite: bool = False, encoder_only: bool = False) -> dict:
+  """Exports `workdir` (checkpoint `step`, default the latest) into `out`; returns a summary."""
+  out = files.prepare_out(out, overwrite)
+  run, step = load_run(workdir, step, encoder_only)
+  if encoder_only and run.cfg.task != "classification":
+    raise UserError("--encoder_only applies to classification runs (a ViT without its head).")
+  name = None
+  if jax.process_index() == 0:
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".hf-export-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary folder
+    try:
+      name = write(run, tmp)
+      if os.path.isdir(out):
+        shutil.rmtree(out)  # empty, or --overwrite
+      os.replace(tmp, out)
+    finally:
+      if os.path.isdir(tmp):
+        shutil.rmtree(tmp)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("hf export written")
+  return {"out": out, "step": step, "class": name, "task": run.cfg.task}

@@ -1,0 +1,86 @@
+"""Reading and writing Hugging Face model folders without torch: safetensors, config.json, the
+image processor's preprocessor_config.json, tokenizer files.
+
+Weights are written as float32 safetensors under the on-disk (classic) key names that
+`from_pretrained` reads; nothing is ever pickled, and folders holding only `pytorch_model.bin` are
+refused on import.
+"""
+
+import json
+import os
+
+import numpy as np
+
+from vlm_jax.errors import UserError
+
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+PIL_BILINEAR = 2  # PIL.Image.Resampling.BILINEAR, HF's `resample` code
+
+
+def save_weights(out: str, state_dict: dict) -> str:
+  from safetensors.numpy import save_file
+  path = os.path.join(out, WEIGHTS)
+  save_file({k: np.ascontiguousarray(v, np.float32) for k, v in state_dict.items()}, path,
+            metadata={"format": "pt"})
+  return path
+
+
+def save_json(out: str, name: str, obj: dict) -> str:
+  path = os.path.join(out, name)
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")
+  return path
+
+
+def image_processor_config(inp) -> dict:
+  """preprocessor_config.json reproducing our evaluation preprocessing (`data.preprocess.eval_image`):
+
+  RGB, resize to image_size x image_size (bilinear with antialiasing), x / 255, (x - mean) / std.
+  HF resizes uint8 images in PIL/torchvision and rounds to uint8, tf.image.resize does not round,
+  so for images of another size pixels may differ by one uint8 level (2/255 at std 0.5).
+  """
+  s = int(inp.image_size)
+  return {"image_processor_type": "ViTImageProcessor", "do_convert_rgb": True, "do_resize": True,
+          "size": {"height": s, "width": s}, "resample": PIL_BILINEAR, "do_rescale": True,
+          "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [float(x) for x in inp.mean],
+          "image_std": [float(x) for x in inp.std]}
+
+
+def prepare_out(out: str, overwrite: bool) -> str:
+  """Checks the export folder: absent, empty, or (with overwrite) a folder we may replace files in."""
+  out = os.path.abspath(os.path.expanduser(out))
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise UserError(f"--out '{out}' is a file, not a folder. Choose a folder path.")
+  if os.path.isdir(out) and os.listdir(out) and not overwrite:
+    raise UserError(f"--out '{out}' is not empty (nothing was written). Choose a new folder or pass --overwrite.")
+  return out
+
+
+def read_model_folder(path: str) -> tuple[dict, dict]:
+  """(config.json dict, {key: float32 array}) of a local HF model folder saved as safetensors."""
+  from safetensors.numpy import load_file
+  path = os.path.abspath(os.path.expanduser(path))
+  cfg_path = os.path.join(path, "config.json")
+  if not os.path.isfile(cfg_path):
+    raise UserError(f"'hf:{path}' is not a Hugging Face model folder: it has no config.json. Point "
+                    f"init_from at a folder written by save_pretrained (or tools/convert_to_hf.py).")
+  with open(cfg_path) as f:
+    config = json.load(f)
+  files = []
+  if os.path.isfile(os.path.join(path, WEIGHTS)):
+    files = [WEIGHTS]
+  elif os.path.isfile(os.path.join(path, WEIGHTS_INDEX)):
+    with open(os.path.join(path, WEIGHTS_INDEX)) as f:
+      files = sorted(set(json.load(f)["weight_map"].values()))
+  if not files:
+    other = [n for n in os.listdir(path) if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+    hint = (f" It holds {', '.join(other)}: pickled weights are not loaded here; re-save with "
+            f"`model.save_pretrained(dir, safe_serialization=True)`." if other else "")
+    raise UserError(f"'hf:{path}' has no {WEIGHTS}.{hint}")
+  sd = {}
+  for name in files:
+    for k, v in load_file(os.path.join(path, name)).items():
+      sd[k] = np.asarray(v, np.float32)
+  return config, sd
