@@ -114,3 +114,15 @@ def test_cli_missing_workdir_and_recipe_are_one_line_exit_2(tmp_path):
   assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
   assert "error: config: cannot load the recipe file:" in r.stderr
   assert not os.path.exists(tmp_path / "w")  # nothing created for a run that cannot start
+
+
+def test_predict_reads_formats_tensorflow_cannot_and_names_bad_files(tiny_config, tmp_path):
+  from vlm_jax import predict
+  Image.new("RGB", (40, 30), (10, 200, 30)).save(tmp_path / "a.tif")
+  Image.new("L", (40, 30), 90).save(tmp_path / "b.ppm")
+  image = predict.load_image(str(tmp_path / "a.tif"), tiny_config.input)
+  assert image.shape == (32, 32, 3) and abs(float(image[..., 1].mean()) - (200 / 255 - 0.5) / 0.5) < 0.02
+  assert predict.load_image(str(tmp_path / "b.ppm"), tiny_config.input).shape == (32, 32, 3)
+  (tmp_path / "c.tif").write_bytes(b"II*\x00 truncated tiff")
+  with pytest.raises(ValueError, match=r"not a readable image \("):
+    predict.load_image(str(tmp_path / "c.tif"), tiny_config.input)
