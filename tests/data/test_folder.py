@@ -14,7 +14,9 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from vlm_jax import config
+import jax
+
+from vlm_jax import config, train
 from vlm_jax.data import pipeline, sources, tokenizer
 from vlm_jax.data.builders import folder, folder_scan
 from vlm_jax.errors import UserError
@@ -200,10 +202,16 @@ def test_jsonl_captions_and_qa_feed_captioning_and_vqa_pipelines(tmp_path, caplo
   assert os.path.dirname(tokenizer.cache_path(builder, 64)) == builder.data_dir  # cached with the data
   cfg = config.load(os.path.join(REPO, "configs/cappa_shapes.py:tiny"))
   inp = cfg.input
-  inp.data, inp.image_size, inp.max_len = f"folder:{root}", 16, 12
+  inp.data, inp.image_size, inp.max_len, inp.vocab_size = f"folder:{root}", 16, 12, 64
   batch = next(pipeline.train_batches(inp, dd, 0, 4, tokenizer=tok))
   assert batch["image"].shape == (4, 16, 16, 3) and batch["tokens"].shape == (4, 12)
   assert (batch["tokens"][:, 0] == tok.bos_id).all()
+  cfg.data_dir, cfg.model.encoder.patch_size = dd, 8
+  s = train.build(cfg, devices=jax.devices()[:1])  # the captioning recipe, unchanged but for the data
+  assert s.task.tokenizer.vocab_size == tok.vocab_size and s.data_info.splits == {"train": 9, "test": 3}
+  with s.context():  # the loss traces with this batch (compiling a step would cost ~15 s of CPU)
+    loss, _ = jax.eval_shape(s.task.loss_fn, s.abstract_state.params, batch, jax.random.PRNGKey(0))
+  assert loss.shape == () and loss.dtype == np.float32
   inp.text = "qa"
   n, batches = pipeline.eval_batches(inp, dd, "test", 8, tokenizer=tok)
   rows = list(batches)

@@ -159,9 +159,9 @@ def prepare(root: str, data_dir: str) -> Folder:
       print(f"Preparing folder dataset {folder_scan.root} into {builder.data_dir}", flush=True)
       try:
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-      except PermissionError as e:
-        raise UserError(f"cannot prepare folder '{folder_scan.root}' into data_dir '{data_dir}': {e}. "
-                        f"Choose a writable --config.data_dir.") from None
+      except OSError as e:  # reading errors are skipped records: this is writing (permissions, disk full)
+        raise UserError(f"cannot prepare folder '{folder_scan.root}' into data_dir '{data_dir}': "
+                        f"{e.strerror or e}. Free space or choose a writable --config.data_dir.") from None
   for note in folder_scan.notes:
     log.warning("folder '%s': %s", folder_scan.root, note)
   skipped = builder.info.metadata.get("skipped") or []

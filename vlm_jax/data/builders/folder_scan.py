@@ -24,8 +24,10 @@ SPLIT_ALIASES = {"val": "validation"}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 SHOWN = 5  # skipped records listed by name in the warning
 
+
 class BadRecord(ValueError):
   """A record that is skipped (the message says why)."""
+
 
 @dataclasses.dataclass
 class Record:
@@ -33,6 +35,7 @@ class Record:
   label: str | None = None
   captions: list = dataclasses.field(default_factory=list)
   qa: list = dataclasses.field(default_factory=list)  # (question, answer) pairs
+
 
 @dataclasses.dataclass
 class Scan:
@@ -47,12 +50,15 @@ class Scan:
   has_qa: bool = False
   fingerprint: str = ""
 
+
 # -- scanning ------------------------------------------------------------------------------------
 def _is_image(name: str) -> bool:
   return name.lower().endswith(IMAGE_EXTENSIONS)
 
+
 def inside(path: str, root: str) -> bool:
   return path == root or path.startswith(root + os.sep)
+
 
 def _walk(root: str, skipped: list) -> dict:
   """{relative path: os.stat_result} of the image files under root (hidden entries ignored).
@@ -80,14 +86,17 @@ def _walk(root: str, skipped: list) -> dict:
         skipped.append(f"{rel}: {e.strerror}")
   return dict(sorted(files.items()))
 
+
 def _join(rel_dir: str, name: str) -> str:
   return name if rel_dir == "." else f"{rel_dir.replace(os.sep, '/')}/{name}"
+
 
 def _sort_names(names) -> tuple:
   names = sorted(set(names))
   if names and all(re.fullmatch(r"-?\d+", n) for n in names):
     names = sorted(names, key=int)
   return tuple(names)
+
 
 def _jsonl_files(root: str) -> dict:
   """{split: file name} of the annotation files at the root."""
@@ -105,6 +114,7 @@ def _jsonl_files(root: str) -> dict:
     out[split] = name
   return out
 
+
 def _split_dirs(root: str) -> dict | None:
   """{subfolder: split} when every subfolder of root is a split name, else None."""
   subdirs = [n for n in os.listdir(root) if not n.startswith(".") and os.path.isdir(os.path.join(root, n))]
@@ -117,6 +127,7 @@ def _split_dirs(root: str) -> dict | None:
       raise UserError(f"folder '{root}' has both {seen[split]}/ and {n}/ for split '{split}'. Keep one.")
     seen[split] = n
   return {n: split for split, n in seen.items()}
+
 
 def _scan_classes(root: str, files: dict, skipped: list) -> dict:
   split_dirs = _split_dirs(root)
@@ -136,11 +147,13 @@ def _scan_classes(root: str, files: dict, skipped: list) -> dict:
     splits[split].append(Record(rel, label=parts[0]))
   return splits
 
+
 def _texts(value, key: str) -> list:
   values = [value] if isinstance(value, str) else value
   if not isinstance(values, list) or not values or not all(isinstance(v, str) and v.strip() for v in values):
     raise BadRecord(f"'{key}' must be a non-empty string or a list of non-empty strings")
   return [v.strip() for v in values]
+
 
 def _pairs(obj: dict) -> list:
   if "qa" in obj:
@@ -153,6 +166,7 @@ def _pairs(obj: dict) -> list:
       raise BadRecord("'question' and 'answer' must come together")
     return [(_texts(obj["question"], "question")[0], _texts(obj["answer"], "answer")[0])]
   return []
+
 
 def _image_path(root: str, value) -> str:
   if not isinstance(value, str) or not value.strip():
@@ -167,6 +181,7 @@ def _image_path(root: str, value) -> str:
   if not os.path.isfile(os.path.join(root, rel)):
     raise BadRecord(f"image '{value}' does not exist")
   return rel.replace(os.sep, "/")
+
 
 def _parse_line(root: str, line: str) -> Record:
   try:
@@ -187,6 +202,7 @@ def _parse_line(root: str, line: str) -> Record:
       raise BadRecord("'label' contains a line break")
     rec.label = str(label).strip()
   return rec
+
 
 def _scan_jsonl(root: str, annotations: dict, skipped: list) -> dict:
   splits = {}
@@ -212,6 +228,7 @@ def _scan_jsonl(root: str, annotations: dict, skipped: list) -> dict:
     splits[split] = list(merged.values())
   return splits
 
+
 def _keep_common_fields(splits: dict, skipped: list, notes: list) -> tuple:
   """Keeps the fields at least half of the records carry; drops records lacking one of them."""
   records = [r for rs in splits.values() for r in rs]
@@ -235,6 +252,7 @@ def _keep_common_fields(splits: dict, skipped: list, notes: list) -> tuple:
     splits[split] = good
   return tuple(kept)
 
+
 def _fingerprint(root: str, files: dict, annotations: dict) -> str:
   h = hashlib.sha256(f"{FORMAT} {MAX_SIDE}\n".encode())
   for rel, st in files.items():
@@ -243,6 +261,7 @@ def _fingerprint(root: str, files: dict, annotations: dict) -> str:
     with open(os.path.join(root, name), "rb") as f:
       h.update(name.encode() + b"\0" + hashlib.sha256(f.read()).digest())
   return h.hexdigest()
+
 
 def scan(root: str) -> Scan:
   """Reads the folder's structure and annotations (no image is decoded)."""
@@ -287,12 +306,14 @@ def scan(root: str) -> Scan:
                       f"{listing(result.skipped)}")
   return result
 
+
 def listing(skipped: list, count: int | None = None) -> str:
   if not skipped:
     return ""
   count = len(skipped) if count is None else count
   more = f"; and {count - SHOWN} more" if count > SHOWN else ""
   return " Skipped: " + "; ".join(skipped[:SHOWN]) + more + "."
+
 
 # -- images --------------------------------------------------------------------------------------
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -305,9 +326,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     img = Image.fromarray(np.clip(np.rint(np.nan_to_num(a)), 0, 255).astype(np.uint8), "L")
   return img if img.mode == "RGB" else img.convert("RGB")
 
+
 def _png_rgb8(data: bytes) -> bool:
   """True for a PNG whose header says 8-bit RGB (bit depth byte 24, colour type byte 25)."""
   return data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 25 and data[24] == 8 and data[25] == 2
+
 
 def load_image(path: str, max_side: int = MAX_SIDE) -> bytes:
   """Encoded 8-bit RGB image (JPEG or PNG) of the file at `path`, longer side <= max_side.
