@@ -147,7 +147,8 @@ def _quiet_tfds():
 
 def prepare(root: str, data_dir: str) -> Folder:
   """The prepared dataset of the folder at `root` in data_dir (built unless already there)."""
-  data_dir = os.path.realpath(os.path.expanduser(data_dir))
+  if "://" not in data_dir:  # a local data_dir (gs://... is left as it is)
+    data_dir = os.path.realpath(os.path.expanduser(data_dir))
   folder_scan = scan(root)
   if inside(data_dir, folder_scan.root):
     raise UserError(f"data_dir '{data_dir}' is inside the dataset folder '{folder_scan.root}'; "
