@@ -90,13 +90,13 @@ def test_task_and_dataset_that_do_not_fit(tiny_config, tmp_path):
   _png(str(captions / "a.png"))
   (captions / "data.jsonl").write_text('{"image": "a.png", "caption": "a red square"}\n')
   cfg = tiny_config
-  cfg.input.data = f"folder:{captions}"
+  cfg.input.data, cfg.evals.splits = f"folder:{captions}", "train"
   with pytest.raises(UserError, match=r"task 'classification' needs a dataset with a class label; 'folder/captions-"):
     train.build(cfg, devices=jax.devices()[:1])
   classes = tmp_path / "classes"
   _png(str(classes / "red" / "a.png"))
   cap = config.load(os.path.join(REPO, "configs/cappa_shapes.py:tiny"))
-  cap.data_dir, cap.input.data = tiny_config.data_dir, f"folder:{classes}"
+  cap.data_dir, cap.input.data, cap.evals.splits = tiny_config.data_dir, f"folder:{classes}", "train"
   with pytest.raises(UserError, match=r"has none of the text features caption, .* \(it has image, path, label\)"):
     train.build(cap, devices=jax.devices()[:1])
 
@@ -126,3 +126,10 @@ def test_predict_reads_formats_tensorflow_cannot_and_names_bad_files(tiny_config
   (tmp_path / "c.tif").write_bytes(b"II*\x00 truncated tiff")
   with pytest.raises(ValueError, match=r"not a readable image \("):
     predict.load_image(str(tmp_path / "c.tif"), tiny_config.input)
+
+
+def test_unknown_evaluation_split_is_refused_before_training(tiny_config):
+  tiny_config.evals.splits = "validation,tset"
+  with pytest.raises(UserError, match=r"split 'tset' of dataset 'shapes/tiny/.*' does not exist .*Available splits: "
+                                      r".*choose among them with --config.input.train_split / --config.evals.splits"):
+    train.build(tiny_config, devices=jax.devices()[:1])

@@ -151,11 +151,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if not isinstance(cfg[key], int) or cfg[key] <= 0:
       raise UserError(f"config: '{key}' must be a positive integer, got {cfg[key]!r}.")
   parse_mesh(cfg.mesh)
+  for group, key in (("input", "image_size"), ("evals", "batch_size")):
+    value = cfg[group].get(key)
+    if not isinstance(value, int) or value <= 0:
+      raise UserError(f"config: '{group}.{key}' must be a positive integer, got {value!r}.")
   inp = cfg.input
-  if not isinstance(inp.get("image_size"), int) or inp.image_size <= 0:
-    raise UserError(f"config: 'input.image_size' must be a positive integer, got {inp.get('image_size')!r}.")
-  if not isinstance(cfg.evals.get("batch_size"), int) or cfg.evals.batch_size <= 0:
-    raise UserError(f"config: 'evals.batch_size' must be a positive integer, got {cfg.evals.get('batch_size')!r}.")
   for key in ("mean", "std"):
     v = inp.get(key)
     if not isinstance(v, (tuple, list)) or len(v) != 3 or not all(isinstance(x, (int, float)) for x in v):

@@ -162,7 +162,7 @@ def _caption_folder(tmp_path):
   os.symlink(str(tmp_path / "secret.png"), os.path.join(root, "img", "link.png"))
   row = lambda n, c: {"image": n, "caption": f"a {c} square", "question": "what color is it?", "answer": c}
   train = [row(n, c) for n, c in names[:9]]
-  train[0]["caption"] = [train[0]["caption"], f"the {names[0][1]} one"]
+  train[0]["caption"] = [train[0]["caption"], f"the {names[0][1]}\n one "]
   train.append({"image": names[1][0], "caption": "another reference"})  # merged with its first line
   train += ["{not json", {"caption": "no image"}, {"image": "/etc/passwd", "caption": "x"},
             {"image": "../secret.png", "caption": "x"}, {"image": "img/link.png", "caption": "x"},
@@ -206,7 +206,7 @@ def test_jsonl_captions_and_qa_feed_captioning_and_vqa_pipelines(tmp_path, caplo
   batch = next(pipeline.train_batches(inp, dd, 0, 4, tokenizer=tok))
   assert batch["image"].shape == (4, 16, 16, 3) and batch["tokens"].shape == (4, 12)
   assert (batch["tokens"][:, 0] == tok.bos_id).all()
-  cfg.data_dir, cfg.model.encoder.patch_size = dd, 8
+  cfg.data_dir, cfg.model.encoder.patch_size, cfg.evals.splits = dd, 8, "test"
   s = train.build(cfg, devices=jax.devices()[:1])  # the captioning recipe, unchanged but for the data
   assert s.task.tokenizer.vocab_size == tok.vocab_size and s.data_info.splits == {"train": 9, "test": 3}
   with s.context():  # the loss traces with this batch (compiling a step would cost ~15 s of CPU)

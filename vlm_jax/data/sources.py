@@ -64,7 +64,8 @@ def open_source(name: str, data_dir: str, prepare: bool = True) -> tfds.core.Dat
 
 def _open_folder(path: str, data_dir: str) -> tfds.core.DatasetBuilder:
   if not path.strip():
-    raise UserError(f"input.data='{FOLDER_PREFIX}' names no folder; write --config.input.data=folder:/path/to/images.")
+    raise UserError(f"input.data='{FOLDER_PREFIX}' names no folder; "
+                    f"write --config.input.data=folder:/path/to/images.")
   key = (os.path.realpath(os.path.expanduser(path)), os.path.realpath(data_dir))
   if key not in _folders:
     from vlm_jax.data.builders import folder
@@ -72,7 +73,10 @@ def _open_folder(path: str, data_dir: str) -> tfds.core.DatasetBuilder:
   return _folders[key]
 
 
-def data_info(builder: tfds.core.DatasetBuilder, label_key: str = "label") -> DataInfo:
+def data_info(builder: tfds.core.DatasetBuilder, label_key: str = "label", needed_splits=()) -> DataInfo:
+  """What the tasks need to know about a dataset; `needed_splits` must exist (checked before training)."""
+  for split in filter(None, (s.strip() for s in needed_splits)):
+    num_examples(builder, split)
   feats = builder.info.features
   label = feats[label_key] if label_key in feats else None
   num_classes, names = 0, None

@@ -152,7 +152,7 @@ def _texts(value, key: str) -> list:
   values = [value] if isinstance(value, str) else value
   if not isinstance(values, list) or not values or not all(isinstance(v, str) and v.strip() for v in values):
     raise BadRecord(f"'{key}' must be a non-empty string or a list of non-empty strings")
-  return [v.strip() for v in values]
+  return [" ".join(v.split()) for v in values]  # one line each: evaluation joins references by newlines
 
 
 def _pairs(obj: dict) -> list:
