@@ -151,6 +151,20 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if not isinstance(cfg[key], int) or cfg[key] <= 0:
       raise UserError(f"config: '{key}' must be a positive integer, got {cfg[key]!r}.")
   parse_mesh(cfg.mesh)
+  for group, key in (("input", "image_size"), ("evals", "batch_size")):
+    value = cfg[group].get(key)
+    if not isinstance(value, int) or value <= 0:
+      raise UserError(f"config: '{group}.{key}' must be a positive integer, got {value!r}.")
+  inp = cfg.input
+  for key in ("mean", "std"):
+    v = inp.get(key)
+    if not isinstance(v, (tuple, list)) or len(v) != 3 or not all(isinstance(x, (int, float)) for x in v):
+      raise UserError(f"config: 'input.{key}' must be 3 numbers (one per RGB channel), got {v!r}; "
+                      f"e.g. --config.input.{key}='(0.5,0.5,0.5)'.")
+  if any(x == 0 for x in inp.std):
+    raise UserError(f"config: 'input.std' must not contain 0, got {inp.std!r}.")
+  if inp.get("text", "") not in ("", "caption", "qa"):
+    raise UserError(f"config: input.text='{inp.text}' is unknown; use '', 'caption' or 'qa'.")
 
 
 def parse_argv(flag_values, argv) -> None:
@@ -159,11 +173,21 @@ def parse_argv(flag_values, argv) -> None:
 
   try:
     flag_values(argv)
+    if "config" in flag_values and flag_values.config is not None:
+      flag_values.config.get  # noqa: B018  (a recipe file that failed to load raises only when read)
   except flags.Error as e:
     text = str(e)
     if "Traceback" in text:  # an exception inside the recipe file: keep its last line
       text = "config: the recipe raised " + text.strip().splitlines()[-1].strip()
+    elif m := re.match(r"flag (--config\.\S+?)=(.*?): (.*)", text, re.S):
+      text = (f"config: {m.group(1)}={m.group(2)} has the wrong type ({m.group(3).strip()}). "
+              f"Give a value of the key's type; see the recipe or the README's config keys.")
+    elif m := re.match(r"flag --(\w+)=None: Flag --\w+ must have a value other than None", text):
+      text = f"missing required flag --{m.group(1)}; pass --{m.group(1)}=... (see --help)."
     raise UserError(" ".join(text.split())) from None
+  except OSError as e:  # the recipe file is missing or unreadable
+    raise UserError(f"config: cannot load the recipe file: {str(e).strip().splitlines()[-1].strip()}. "
+                    f"Pass --config path/to/recipe.py[:ARG], e.g. --config configs/vit_shapes.py.") from None
   except (KeyError, AttributeError, ValueError, TypeError) as e:
     text = str(e.args[0] if e.args else e)
     m = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)

@@ -2,8 +2,9 @@
 
 Prints one line per image, `PATH<TAB>PREDICTION`: a class label, a caption, or with --question an
 answer. Images of any size, mode (RGB, RGBA, grayscale, palette, 16-bit) and format (JPEG, PNG,
-GIF, BMP) go through the run's own evaluation preprocessing; a missing or unreadable file gets
-`PATH<TAB>error: ...` and the others still run (exit status 1 if any failed).
+GIF, BMP, WebP; TIFF and the other formats PIL reads) go through the run's own evaluation
+preprocessing; a missing or unreadable file gets `PATH<TAB>error: ...` and the others still run
+(exit status 1 if any failed).
 """
 
 import json
@@ -17,6 +18,7 @@ from absl import flags
 
 from vlm_jax import checkpoint, config as config_lib, parallel, train
 from vlm_jax.data import preprocess
+from vlm_jax.data.builders import folder_scan
 from vlm_jax.data.sources import DataInfo
 from vlm_jax.errors import UserError, run_cli
 from vlm_jax.evaluate import load_run_config
@@ -34,8 +36,13 @@ def load_image(path: str, inp) -> np.ndarray:
     raise ValueError("empty file")
   try:
     return preprocess.eval_image(tf.constant(data), inp.image_size, inp.mean, inp.std).numpy()
-  except (tf.errors.InvalidArgumentError, ValueError) as e:
-    raise ValueError(f"not a readable image ({str(e).splitlines()[0][:120]})") from None
+  except (tf.errors.InvalidArgumentError, ValueError):
+    pass
+  try:  # formats TensorFlow cannot decode (TIFF, PPM, ...), read with PIL as folder datasets are
+    data = folder_scan.load_image(path)
+  except folder_scan.BadRecord as e:
+    raise ValueError(str(e)) from None
+  return preprocess.eval_image(tf.constant(data), inp.image_size, inp.mean, inp.std).numpy()
 
 
 def predict(workdir: str, paths: list, question: str = "", step=None) -> list:

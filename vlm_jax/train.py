@@ -78,7 +78,7 @@ def open_data(cfg) -> sources.DataInfo:
     multihost_utils.sync_global_devices("dataset prepared")
   if jax.process_index() != 0:
     builder = sources.open_source(cfg.input.data, cfg.data_dir)
-  return sources.data_info(builder, cfg.input.label_key)
+  return sources.data_info(builder, cfg.input.label_key, [cfg.input.train_split, *cfg.evals.splits.split(",")])
 
 
 def build(cfg, data_info=None, devices=None) -> Setup:

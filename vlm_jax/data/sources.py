@@ -2,8 +2,9 @@
 
 `open_source(name, data_dir)` returns a prepared `tfds.core.DatasetBuilder` or raises UserError
 saying how to prepare it. Embedded datasets (generated locally, no network) are built on first
-use; catalog datasets (cifar10, imagenet2012, coco_captions, ...) must already be prepared in
-`data_dir`, because these machines may have no network.
+use; a user's folder (`folder:/path`, see builders/folder.py) is prepared into data_dir on first
+use and again when it changes; catalog datasets (cifar10, imagenet2012, coco_captions, ...) must
+already be prepared in `data_dir`, because these machines may have no network.
 """
 
 import dataclasses
@@ -15,6 +16,8 @@ import tensorflow_datasets as tfds
 from vlm_jax.errors import UserError
 
 EMBEDDED = ("shapes",)
+FOLDER_PREFIX = "folder:"
+_folders = {}  # (folder, data_dir) -> builder: a process keeps the folder dataset it first opened
 
 
 @dataclasses.dataclass
@@ -33,6 +36,8 @@ def _is_embedded(name: str) -> bool:
 def open_source(name: str, data_dir: str, prepare: bool = True) -> tfds.core.DatasetBuilder:
   """Returns the prepared builder for `name` in `data_dir` (building embedded datasets if `prepare`)."""
   data_dir = os.path.expanduser(data_dir)
+  if name.startswith(FOLDER_PREFIX):
+    return _open_folder(name[len(FOLDER_PREFIX):], data_dir)
   if _is_embedded(name):
     from vlm_jax.data.builders import shapes  # registers the builder
     if prepare:
@@ -57,7 +62,21 @@ def open_source(name: str, data_dir: str, prepare: bool = True) -> tfds.core.Dat
   return builder
 
 
-def data_info(builder: tfds.core.DatasetBuilder, label_key: str = "label") -> DataInfo:
+def _open_folder(path: str, data_dir: str) -> tfds.core.DatasetBuilder:
+  if not path.strip():
+    raise UserError(f"input.data='{FOLDER_PREFIX}' names no folder; "
+                    f"write --config.input.data=folder:/path/to/images.")
+  key = (os.path.realpath(os.path.expanduser(path)), os.path.realpath(data_dir))
+  if key not in _folders:
+    from vlm_jax.data.builders import folder
+    _folders[key] = folder.prepare(path, data_dir)
+  return _folders[key]
+
+
+def data_info(builder: tfds.core.DatasetBuilder, label_key: str = "label", needed_splits=()) -> DataInfo:
+  """What the tasks need to know about a dataset; `needed_splits` must exist (checked before training)."""
+  for split in filter(None, (s.strip() for s in needed_splits)):
+    num_examples(builder, split)
   feats = builder.info.features
   label = feats[label_key] if label_key in feats else None
   num_classes, names = 0, None
@@ -72,4 +91,5 @@ def num_examples(builder, split: str) -> int:
     return builder.info.splits[split].num_examples
   except (KeyError, ValueError) as e:
     raise UserError(f"split '{split}' of dataset '{builder.info.full_name}' does not exist ({e}). "
-                    f"Available splits: {', '.join(builder.info.splits.keys())}.") from None
+                    f"Available splits: {', '.join(builder.info.splits.keys())}; choose among them with "
+                    f"--config.input.train_split / --config.evals.splits.") from None
