@@ -5,6 +5,7 @@ task's evaluators on `evals.splits`, prints the metrics and appends them to DIR/
 under the same names training uses (`test/accuracy`, ...).
 """
 
+import json
 import os
 import sys
 
@@ -12,36 +13,65 @@ import jax
 from absl import flags
 
 from vlm_jax import checkpoint, config as config_lib, logging as vlog, train
+from vlm_jax.data.sources import DataInfo
 from vlm_jax.errors import UserError, run_cli
 
 FLAGS = flags.FLAGS
 
 
 def load_run_config(workdir: str):
+  """The run's resolved config, pinned to what its checkpoint needs: the workdir's tokenizer.json
+  (a tokenizer re-derived from changed data could map ids to other words), no init_from."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise UserError(f"'{workdir}' is not a training workdir: it has no config.json. "
                     f"Pass the --workdir of a `python -m vlm_jax.train` run.")
   with open(path) as f:
-    return config_lib.from_json(f.read())
+    cfg = config_lib.from_json(f.read())
+  with cfg.unlocked():
+    if os.path.exists(os.path.join(workdir, "tokenizer.json")):
+      cfg.input.tokenizer = os.path.join(workdir, "tokenizer.json")
+    cfg.init_from = ""
+  return cfg
+
+
+def restore_run(workdir: str, step=None, edit=None, recorded_data: bool = True):
+  """(Setup, params, step) of a training workdir at `step` (default: the latest checkpoint).
+
+  The config is the run's own (`load_run_config`), changed by `edit(cfg)` if given; with
+  `recorded_data` the dataset facts come from the workdir's data_info.json, so no dataset is needed.
+  """
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  cfg = load_run_config(workdir)
+  if edit:
+    with cfg.unlocked():
+      edit(cfg)
+  info_path = os.path.join(workdir, "data_info.json")
+  info = None
+  if recorded_data and os.path.exists(info_path):
+    with open(info_path) as f:
+      info = DataInfo(**json.load(f))
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  steps = sorted(ckpt.manager.all_steps())
+  step = ckpt.latest_step() if step is None else step
+  if step is None or step not in steps:
+    ckpt.close()
+    raise UserError(f"no checkpoint{'' if step is None else f' at step {step}'} in {ckpt.directory} "
+                    f"(steps: {steps or 'none'}); train first with `python -m vlm_jax.train`.")
+  s = train.build(cfg, data_info=info)
+  with s.context():
+    params = ckpt.restore(step, s.abstract_state).params
+  ckpt.close()
+  return s, params, step
 
 
 def evaluate_workdir(workdir: str, step=None, data_dir=None) -> dict:
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  cfg = load_run_config(workdir)
-  if data_dir:
-    with cfg.unlocked():
-      cfg.data_dir = data_dir
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
-  step = ckpt.latest_step() if step is None else step
-  if step is None or step not in ckpt.manager.all_steps():
-    raise UserError(f"no checkpoint{'' if step is None else f' at step {step}'} in {ckpt.directory}; "
-                    f"available steps: {sorted(ckpt.manager.all_steps()) or 'none'}.")
-  s = train.build(cfg)
-  with s.context():
-    state = ckpt.restore(step, s.abstract_state)
-  ckpt.close()
-  results = train.evaluate(s, state.params, step, workdir)
+
+  def edit(cfg):
+    cfg.data_dir = data_dir or cfg.data_dir
+  s, params, step = restore_run(workdir, step, edit, recorded_data=False)
+  results = train.evaluate(s, params, step, workdir)
   writer = vlog.MetricsWriter(workdir, enabled=jax.process_index() == 0)
   writer.write(step, results)
   writer.close()

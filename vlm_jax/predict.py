@@ -7,7 +7,6 @@ preprocessing; a missing or unreadable file gets `PATH<TAB>error: ...` and the o
 (exit status 1 if any failed).
 """
 
-import json
 import os
 import sys
 
@@ -16,12 +15,11 @@ import numpy as np
 import tensorflow as tf
 from absl import flags
 
-from vlm_jax import checkpoint, config as config_lib, parallel, train
+from vlm_jax import config as config_lib, parallel
 from vlm_jax.data import preprocess
 from vlm_jax.data.builders import folder_scan
-from vlm_jax.data.sources import DataInfo
 from vlm_jax.errors import UserError, run_cli
-from vlm_jax.evaluate import load_run_config
+from vlm_jax.evaluate import restore_run
 
 FLAGS = flags.FLAGS
 
@@ -47,27 +45,14 @@ def load_image(path: str, inp) -> np.ndarray:
 
 def predict(workdir: str, paths: list, question: str = "", step=None) -> list:
   """Returns [(path, prediction or None, error or None)] in the order of `paths`."""
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  cfg = load_run_config(workdir)
-  info_path = os.path.join(workdir, "data_info.json")
-  info = DataInfo(**json.load(open(info_path))) if os.path.exists(info_path) else None
-  with cfg.unlocked():
-    if os.path.exists(os.path.join(workdir, "tokenizer.json")):
-      cfg.input.tokenizer = os.path.join(workdir, "tokenizer.json")
+  def edit(cfg):
     if question:
       if cfg.task != "captioning":
         raise UserError(f"--question needs a captioning/VQA run; '{workdir}' trained task '{cfg.task}'.")
       cfg.input.text = "qa"
       cfg.evals.decode_len = cfg.evals.decode_len or 8  # answers are short; keeps prompt + answer in range
-    cfg.init_from = ""
-  s = train.build(cfg, data_info=info)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
-    raise UserError(f"no checkpoint in {ckpt.directory}; train first with `python -m vlm_jax.train`.")
-  with s.context():
-    params = ckpt.restore(step, s.abstract_state).params
-  ckpt.close()
+  s, params, step = restore_run(workdir, step, edit)
+  cfg = s.cfg
 
   results, images = [], []
   for p in paths:

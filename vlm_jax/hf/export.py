@@ -12,7 +12,6 @@ failed export leaves `out` as it was. Only process 0 writes (every process resto
 """
 
 import dataclasses
-import json
 import os
 import shutil
 import tempfile
@@ -21,11 +20,9 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from vlm_jax import checkpoint, train
-from vlm_jax.data.sources import DataInfo
 from vlm_jax.data.tokenizer import hf_fast_tokenizer
 from vlm_jax.errors import UserError
-from vlm_jax.evaluate import load_run_config
+from vlm_jax.evaluate import load_run_config, restore_run
 from vlm_jax.hf import captioner, files, vit
 
 FAMILIES = {
@@ -46,27 +43,10 @@ class Run:
 
 def load_run(workdir: str, step=None, encoder_only: bool = False) -> tuple:
   """Restores a workdir's params (numpy, on every process) with its own config; returns (Run, step)."""
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  cfg = load_run_config(workdir)
+  cfg = load_run_config(os.path.abspath(os.path.expanduser(workdir)))
   if cfg.task not in FAMILIES:
     raise UserError(f"task '{cfg.task}' has no Hugging Face export yet (exportable: {', '.join(FAMILIES)}).")
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-  steps = sorted(ckpt.manager.all_steps())
-  step = ckpt.latest_step() if step is None else step
-  if step is None or step not in steps:
-    ckpt.close()
-    raise UserError(f"no checkpoint{'' if step is None else f' at step {step}'} in {ckpt.directory} "
-                    f"(steps: {steps or 'none'}); train first with `python -m vlm_jax.train`.")
-  info_path = os.path.join(workdir, "data_info.json")
-  info = DataInfo(**json.load(open(info_path))) if os.path.exists(info_path) else None
-  with cfg.unlocked():
-    if os.path.exists(os.path.join(workdir, "tokenizer.json")):
-      cfg.input.tokenizer = os.path.join(workdir, "tokenizer.json")
-    cfg.init_from = ""
-  s = train.build(cfg, data_info=info)
-  with s.context():
-    params = ckpt.restore(step, s.abstract_state).params
-  ckpt.close()
+  s, params, step = restore_run(workdir, step)
   if jax.process_count() > 1:
     params = multihost_utils.process_allgather(params, tiled=True)
   params = jax.tree.map(lambda x: np.asarray(x, np.float32), jax.device_get(params))
