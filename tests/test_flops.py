@@ -83,4 +83,5 @@ def test_peaks_and_mfu():
   assert 1e8 < cpu * jax.local_device_count() < 1e14
   out = flops.throughput(100.0, 1e9, 12, 4, 1e11)
   assert out == pytest.approx({"tokens_per_s": 1200.0, "tflops_per_device": 0.025, "mfu": 0.25})
-  assert "tokens_per_s" not in flops.throughput(100.0, 1e9, 0, 4, None)
+  assert flops.throughput(100.0, 1e9, 0, 4, None) == {"tflops_per_device": 0.025}
+  assert flops.throughput(100.0, None, 0, 4, 1e11) == {}

@@ -1,4 +1,4 @@
-"""The trainer: loss falls, FSDP on 8 devices equals one device and shards params, exact resume."""
+"""The trainer: loss falls, exact resume, clear errors (sharding tests: test_parallel.py)."""
 
 import os
 import shutil
@@ -29,43 +29,6 @@ def test_loss_falls_on_a_fixed_batch(tiny_config):
       state, m = step(state, parallel.shard_batch(batch, s.mesh))
       losses.append(float(m["loss"]))
   assert losses[-1] < 0.5 * losses[0], losses
-
-
-def _loss_and_grads(cfg, devices, batch):
-  s = train.build(cfg, devices=devices)
-  with s.context():
-    state = s.init_state(jax.random.PRNGKey(0))
-    gb = parallel.shard_batch(batch, s.mesh)
-    fn = jax.jit(jax.value_and_grad(lambda p, b: s.task.loss_fn(p, b, jax.random.PRNGKey(1))[0]))
-    loss, grads = fn(state.params, gb)
-  return s, state, float(loss), jax.device_get(grads)
-
-
-@pytest.mark.parametrize("mesh", ["data=1,fsdp=8,tensor=1", "data=4,fsdp=1,tensor=2"])
-def test_sharded_step_equals_single_device(tiny_config, mesh):
-  cfg = tiny_config
-  batch = _batch(cfg, 32)
-  _, _, loss1, g1 = _loss_and_grads(cfg, jax.devices()[:1], batch)
-  cfg.mesh = mesh
-  s8, state8, loss8, g8 = _loss_and_grads(cfg, jax.devices()[:8], batch)
-  assert abs(loss1 - loss8) < 1e-5
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), g1, g8)
-
-
-def test_fsdp_shards_every_large_parameter(tiny_config):
-  cfg = tiny_config
-  cfg.mesh = "data=1,fsdp=8,tensor=1"
-  s = train.build(cfg, devices=jax.devices()[:8])
-  with s.context():
-    state = s.init_state(jax.random.PRNGKey(0))
-  total = local = 0
-  for path, x in jax.tree_util.tree_flatten_with_path((state.params, state.opt_state))[0]:
-    shard = x.addressable_shards[0].data
-    total += x.size
-    local += shard.size
-    if x.size >= 1024:  # kernels and embeddings; biases/norm scales may stay replicated
-      assert shard.size * 8 == x.size, f"{jax.tree_util.keystr(path)} {x.shape} is not sharded 8 ways"
-  assert local < 0.2 * total
 
 
 def test_checkpoint_resume_reproduces_uninterrupted_run(tiny_config, tmp_path):
