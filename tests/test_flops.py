@@ -85,3 +85,5 @@ def test_peaks_and_mfu():
   assert out == pytest.approx({"tokens_per_s": 1200.0, "tflops_per_device": 0.025, "mfu": 0.25})
   assert flops.throughput(100.0, 1e9, 0, 4, None) == {"tflops_per_device": 0.025}
   assert flops.throughput(100.0, None, 0, 4, 1e11) == {}
+  assert flops.tokens_per_example({"tokens": jnp.zeros((1, 33))}) == 32
+  assert flops.tokens_per_example({"image": jnp.zeros((1, 8, 8, 3))}) == 0
