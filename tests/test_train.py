@@ -1,4 +1,4 @@
-"""The trainer: loss falls, FSDP on 8 devices equals one device and shards params, exact resume."""
+"""The trainer: loss falls, exact resume, clear errors (sharding tests: test_parallel.py)."""
 
 import os
 import shutil
@@ -33,43 +33,6 @@ def test_loss_falls_on_a_fixed_batch(tiny_config):
   assert losses[-1] < 0.5 * losses[0], losses
 
 
-def _loss_and_grads(cfg, devices, batch):
-  s = train.build(cfg, devices=devices)
-  with s.context():
-    state = s.init_state(jax.random.PRNGKey(0))
-    gb = parallel.shard_batch(batch, s.mesh)
-    fn = jax.jit(jax.value_and_grad(lambda p, b: s.task.loss_fn(p, b, jax.random.PRNGKey(1))[0]))
-    loss, grads = fn(state.params, gb)
-  return s, state, float(loss), jax.device_get(grads)
-
-
-@pytest.mark.parametrize("mesh", ["data=1,fsdp=8,tensor=1", "data=4,fsdp=1,tensor=2"])
-def test_sharded_step_equals_single_device(tiny_config, mesh):
-  cfg = tiny_config
-  batch = _batch(cfg, 32)
-  _, _, loss1, g1 = _loss_and_grads(cfg, jax.devices()[:1], batch)
-  cfg.mesh = mesh
-  s8, state8, loss8, g8 = _loss_and_grads(cfg, jax.devices()[:8], batch)
-  assert abs(loss1 - loss8) < 1e-5
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), g1, g8)
-
-
-def test_fsdp_shards_every_large_parameter(tiny_config):
-  cfg = tiny_config
-  cfg.mesh = "data=1,fsdp=8,tensor=1"
-  s = train.build(cfg, devices=jax.devices()[:8])
-  with s.context():
-    state = s.init_state(jax.random.PRNGKey(0))
-  total = local = 0
-  for path, x in jax.tree_util.tree_flatten_with_path((state.params, state.opt_state))[0]:
-    shard = x.addressable_shards[0].data
-    total += x.size
-    local += shard.size
-    if x.size >= 1024:  # kernels and embeddings; biases/norm scales may stay replicated
-      assert shard.size * 8 == x.size, f"{jax.tree_util.keystr(path)} {x.shape} is not sharded 8 ways"
-  assert local < 0.2 * total
-
-
 def test_checkpoint_resume_reproduces_uninterrupted_run(tiny_config, tmp_path):
   cfg = tiny_config
   cfg.total_steps, cfg.eval_every_steps, cfg.checkpoint_every_steps = 8, 100, 4
@@ -91,7 +54,8 @@ def test_checkpoint_resume_reproduces_uninterrupted_run(tiny_config, tmp_path):
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), states[0], states[1])
   steps = [r["step"] for r in vlog.read_metrics(str(cut)) if "train/loss" in r]
   assert steps == [5, 8]  # the step-5 line logged before the "kill" is not duplicated
-  timeless = lambda wd: [{k: v for k, v in r.items() if k != "train/images_per_s"} for r in vlog.read_metrics(str(wd))]
+  clock = ("train/images_per_s", "train/tokens_per_s", "train/tflops_per_device", "train/mfu")  # timing figures
+  timeless = lambda wd: [{k: v for k, v in r.items() if k not in clock} for r in vlog.read_metrics(str(wd))]
   assert timeless(cut) == timeless(full)
 
 

@@ -1,13 +1,25 @@
 """python tools/benchmark.py SUBCOMMAND ... : speed figures published in BENCHMARKS.md.
 
 Subcommands (each prints a table and ends with one JSON line of the same figures):
-  decode   greedy decoding tokens/s with and without the KV cache, at several batch sizes and
-           generation lengths, on a randomly initialised captioner of the given shape.
+  train-vit        train-step images/s of our ViT (the trainer's jitted step, AdamW) vs Hugging Face
+                   PyTorch ViTForImageClassification of the same architecture, batch and optimizer,
+                   timed in interleaved rounds in one process (medians); TFLOP/s and MFU from the
+                   analytic FLOP count (vlm_jax.flops).
+  train-captioner  the same for our Captioner (ViT + cross-attention decoder) vs a
+                   VisionEncoderDecoderModel (ViT + GPT-2 with cross-attention).
+  compile          compile time of the ViT train step, scanned vs unrolled layers, at several depths.
+  input            input-pipeline images/s vs the train step's images/s for a recipe.
+  decode           greedy decoding tokens/s with and without the KV cache, at several batch sizes and
+                   generation lengths, on a randomly initialised captioner of the given shape.
+
+Fairness: `--threads N` pins this process to N cores (sched_setaffinity, which also sizes XLA's CPU
+thread pool) and sets torch.set_num_threads(N); the default is every core the process may use.
 """
 
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -16,8 +28,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
 
-from vlm_jax import decode  # noqa: E402
+from vlm_jax import config as config_lib, decode, flops, optim, parallel, train  # noqa: E402
+from vlm_jax.data import pipeline, sources  # noqa: E402
 from vlm_jax.models.vlm import Captioner  # noqa: E402
 
 
@@ -53,9 +68,277 @@ def bench_decode(a):
   return {"benchmark": "decode", "device": jax.devices()[0].device_kind, "rows": rows}
 
 
+def _vit_config(a, scan=None):
+  """A classification config of the requested ViT (CLS pooling and LayerNorm eps as HF's ViT)."""
+  c = config_lib.base_config()
+  c.task, c.batch_size, c.total_steps = "classification", a.batch, 1000
+  c.model.update(dict(patch_size=a.patch, width=a.width, depth=a.depth, num_heads=a.heads, mlp_dim=4 * a.width,
+                      pool="cls", ln_eps=1e-12, scan_layers=a.scan if scan is None else scan, remat="none",
+                      dtype=a.dtype, param_dtype="float32"))
+  c.input.image_size = a.image_size
+  c.optimizer.grad_clip_norm = 0.0  # the PyTorch loop does not clip either
+  return c
+
+
+def _vit_step(a):
+  """(step(n) -> seconds for n steps, flops per image) of the trainer's jitted step on a fixed batch."""
+  cfg = _vit_config(a)
+  s = train.build(cfg, sources.DataInfo("synthetic", 1000, None, {}, ()), devices=jax.devices()[:1])
+  step = train.make_train_step(s)
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.standard_normal((a.batch, a.image_size, a.image_size, 3), np.float32),
+           "label": rng.integers(0, 1000, a.batch).astype(np.int32)}
+  with s.context():
+    box = [s.init_state(jax.random.PRNGKey(0))]
+    gb = parallel.shard_batch(batch, s.mesh)
+
+  def run(n):
+    with s.context():
+      t = time.perf_counter()
+      for _ in range(n):
+        box[0], m = step(box[0], gb)
+      jax.block_until_ready(m)
+      return time.perf_counter() - t
+  return run, flops.train_flops(s.task.model, batch), batch
+
+
+def _caption_step(a):
+  """Our Captioner (CLS-pooled ViT encoder, so 197 tokens like HF's ViTModel) + AdamW, jitted."""
+  model = Captioner(encoder=dict(patch_size=a.patch, width=a.width, depth=a.depth, num_heads=a.heads,
+                                 mlp_dim=4 * a.width, pool="cls", ln_eps=1e-12, scan_layers=a.scan,
+                                 dtype=_dtype(a.dtype)),
+                    decoder=dict(vocab_size=a.vocab, width=a.width, depth=a.dec_depth, num_heads=a.heads,
+                                 mlp_dim=4 * a.width, max_len=a.text_len, scan_layers=a.scan, dtype=_dtype(a.dtype)))
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.standard_normal((a.batch, a.image_size, a.image_size, 3), np.float32),
+           "tokens": rng.integers(1, a.vocab, (a.batch, a.text_len + 1)).astype(np.int32)}
+  params = nn.meta.unbox(jax.jit(lambda r: model.init(r, batch["image"][:1], batch["tokens"][:1, :-1]))(
+      jax.random.PRNGKey(0)))["params"]
+  tx, _ = optim.make(config_lib.base_config().optimizer, 1000, params)
+
+  def loss_fn(p, b):
+    logits = model.apply({"params": p}, b["image"], b["tokens"][:, :-1], train=True)
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), b["tokens"][:, 1:]).mean()
+
+  def step(p, o, b):
+    loss, g = jax.value_and_grad(loss_fn)(p, b)
+    u, o = tx.update(g, o, p)
+    return optax.apply_updates(p, u), o, loss
+  step = jax.jit(step, donate_argnums=(0, 1))
+  box = [params, tx.init(params)]
+  gb = jax.device_put(batch)
+
+  def run(n):
+    t = time.perf_counter()
+    for _ in range(n):
+      box[0], box[1], loss = step(box[0], box[1], gb)
+    jax.block_until_ready(loss)
+    return time.perf_counter() - t
+  return run, flops.train_flops(model, batch), batch
+
+
+def _dtype(name):
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def _torch_vit(a, batch):
+  import torch
+  from transformers import ViTConfig, ViTForImageClassification
+  dev = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+  model = ViTForImageClassification(ViTConfig(hidden_size=a.width, num_hidden_layers=a.depth, num_attention_heads=a.heads,
+                                              intermediate_size=4 * a.width, image_size=a.image_size, patch_size=a.patch,
+                                              num_labels=1000)).to(dev)
+  x = torch.from_numpy(batch["image"].transpose(0, 3, 1, 2).copy()).to(dev)
+  y = torch.from_numpy(batch["label"].astype(np.int64)).to(dev)
+  return _torch_loop(model, dev, lambda: model(pixel_values=x, labels=y).loss, a)
+
+
+def _torch_captioner(a, batch):
+  import torch
+  from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig, ViTModel, VisionEncoderDecoderModel
+  dev = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+  enc = ViTModel(ViTConfig(hidden_size=a.width, num_hidden_layers=a.depth, num_attention_heads=a.heads,
+                           intermediate_size=4 * a.width, image_size=a.image_size, patch_size=a.patch),
+                 add_pooling_layer=False)
+  dec = GPT2LMHeadModel(GPT2Config(n_embd=a.width, n_layer=a.dec_depth, n_head=a.heads, n_inner=4 * a.width,
+                                   vocab_size=a.vocab, n_positions=a.text_len, add_cross_attention=True,
+                                   is_decoder=True))
+  model = VisionEncoderDecoderModel(encoder=enc, decoder=dec).to(dev)
+  x = torch.from_numpy(batch["image"].transpose(0, 3, 1, 2).copy()).to(dev)
+  tokens = torch.from_numpy(batch["tokens"].astype(np.int64)).to(dev)
+
+  def loss():
+    logits = model(pixel_values=x, decoder_input_ids=tokens[:, :-1]).logits
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
+  return _torch_loop(model, dev, loss, a)
+
+
+def _torch_loop(model, dev, loss_fn, a):
+  import torch
+  model.train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+  autocast = torch.autocast(dev, dtype=torch.bfloat16, enabled=a.dtype == "bfloat16")
+
+  def run(n):
+    if dev == "cuda":
+      torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+      opt.zero_grad(set_to_none=True)
+      with autocast:
+        loss = loss_fn()
+      loss.backward()
+      opt.step()
+    if dev == "cuda":
+      torch.cuda.synchronize()
+    return time.perf_counter() - t
+  return run
+
+
+def _compare(a, ours, theirs, flops_per_image, what, tokens=0):
+  """Interleaved timing rounds of both steps; medians, ratio, TFLOP/s and MFU."""
+  run = ours
+  t = time.perf_counter()
+  run(1)
+  compile_s = time.perf_counter() - t
+  if theirs:
+    theirs(1)
+  mine, hf = [], []
+  for r in range(a.rounds):
+    mine.append(a.batch * a.steps / run(a.steps))
+    if theirs:
+      hf.append(a.batch * a.steps / theirs(a.steps))
+    print(f"round {r}: vlm_jax {mine[-1]:.2f} img/s" + (f", hf_torch {hf[-1]:.2f} img/s" if hf else ""), flush=True)
+  ips = statistics.median(mine)
+  peak = flops.peak_flops_per_device(a.peak_tflops)
+  out = {"benchmark": what, "device": jax.devices()[0].device_kind, "threads": a.threads, "dtype": a.dtype,
+         "batch": a.batch, "rounds": a.rounds, "steps_per_round": a.steps, "compile_s": compile_s,
+         "vlm_jax_images_per_s": ips, "vlm_jax_tflops": ips * flops_per_image / 1e12,
+         "peak_tflops": peak / 1e12 if peak else None, "mfu": ips * flops_per_image / peak if peak else None}
+  if tokens:
+    out["vlm_jax_tokens_per_s"] = ips * tokens
+  if hf:
+    out["hf_torch_images_per_s"] = statistics.median(hf)
+    out["hf_torch_mfu"] = out["hf_torch_images_per_s"] * flops_per_image / peak if peak else None
+    out["ratio"] = ips / out["hf_torch_images_per_s"]
+    out["ratio_of_round_medians"] = statistics.median([m / h for m, h in zip(mine, hf)])
+  print(f"{'framework':>10} {'images/s':>9} {'TFLOP/s':>8} {'MFU':>6}")
+  for name, v in (("vlm_jax", ips), ("hf_torch", out.get("hf_torch_images_per_s"))):
+    if v:
+      mfu = f"{v * flops_per_image / peak:.3f}" if peak else "n/a"
+      print(f"{name:>10} {v:>9.2f} {v * flops_per_image / 1e12:>8.3f} {mfu:>6}")
+  if hf:
+    print(f"ratio vlm_jax / hf_torch: {out['ratio']:.2f}")
+  return out
+
+
+def bench_train_vit(a):
+  run, fl, batch = _vit_step(a)
+  return _compare(a, run, None if a.no_hf else _torch_vit(a, batch), fl, "train-vit")
+
+
+def bench_train_captioner(a):
+  run, fl, batch = _caption_step(a)
+  return _compare(a, run, None if a.no_hf else _torch_captioner(a, batch), fl, "train-captioner", a.text_len)
+
+
+def bench_compile(a):
+  rows = []
+  for depth in a.depths:
+    row = {"depth": depth}
+    for scan in (True, False):
+      a.depth = depth
+      s = train.build(_vit_config(a, scan), sources.DataInfo("synthetic", 1000, None, {}, ()),
+                      devices=jax.devices()[:1])
+      step = train.make_train_step(s)
+      batch = {"image": jax.ShapeDtypeStruct((a.batch, a.image_size, a.image_size, 3), jnp.float32),
+               "label": jax.ShapeDtypeStruct((a.batch,), jnp.int32)}
+      with s.context():
+        t = time.perf_counter()
+        step.lower(s.abstract_state, batch).compile()
+      row["scan_s" if scan else "unrolled_s"] = time.perf_counter() - t
+    rows.append(row)
+  print(f"{'depth':>5} {'scan s':>8} {'unrolled s':>11}")
+  for r in rows:
+    print(f"{r['depth']:>5} {r['scan_s']:>8.2f} {r['unrolled_s']:>11.2f}")
+  return {"benchmark": "compile", "device": jax.devices()[0].device_kind, "width": a.width,
+          "image_size": a.image_size, "batch": a.batch, "rows": rows,
+          "scan_deepest_over_shallowest": rows[-1]["scan_s"] / rows[0]["scan_s"]}
+
+
+def bench_input(a):
+  """Input-pipeline images/s (this process, tf.data) vs the recipe's train-step images/s."""
+  rows = []
+  for recipe in a.recipes:
+    cfg = config_lib.load(recipe)
+    if a.data_dir:
+      cfg.data_dir = a.data_dir
+    s = train.build(cfg, devices=jax.devices()[:1])
+    tok = getattr(s.task, "tokenizer", None)
+    batches = pipeline.train_batches(cfg.input, cfg.data_dir, cfg.seed, cfg.batch_size, 0, tokenizer=tok)
+    first = next(batches)
+    t = time.perf_counter()
+    for _ in range(a.batches):
+      next(batches)
+    input_ips = a.batches * cfg.batch_size / (time.perf_counter() - t)
+    step = train.make_train_step(s)
+    with s.context():
+      state = s.init_state(jax.random.PRNGKey(0))
+      gb = parallel.shard_batch(first, s.mesh)
+      state, m = step(state, gb)
+      jax.block_until_ready(m)
+      t = time.perf_counter()
+      for _ in range(a.steps):
+        state, m = step(state, gb)
+      jax.block_until_ready(m)
+    step_ips = a.steps * cfg.batch_size / (time.perf_counter() - t)
+    rows.append(dict(recipe=recipe, batch=cfg.batch_size, input_images_per_s=input_ips,
+                     train_step_images_per_s=step_ips, headroom=input_ips / step_ips))
+  print(f"{'recipe':>28} {'input img/s':>12} {'step img/s':>11} {'headroom':>9}")
+  for r in rows:
+    print(f"{r['recipe']:>28} {r['input_images_per_s']:>12.1f} {r['train_step_images_per_s']:>11.1f} {r['headroom']:>9.2f}")
+  return {"benchmark": "input", "rows": rows}
+
+
+def _model_args(p, width=192, depth=12, heads=3, image_size=224, batch=32):
+  p.add_argument("--width", type=int, default=width)
+  p.add_argument("--depth", type=int, default=depth)
+  p.add_argument("--heads", type=int, default=heads)
+  p.add_argument("--image-size", type=int, default=image_size)
+  p.add_argument("--patch", type=int, default=16)
+  p.add_argument("--batch", type=int, default=batch)
+
+
+def _train_args(p):
+  _model_args(p)
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype (params stay f32)")
+  p.add_argument("--scan", action="store_true", help="scan over layers (default: unrolled, faster on CPU)")
+  p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (medians are reported)")
+  p.add_argument("--steps", type=int, default=2, help="train steps per round and framework")
+  p.add_argument("--no-hf", action="store_true", help="time only vlm_jax (e.g. where torch is absent)")
+  p.add_argument("--peak-tflops", type=float, default=0.0, help="per-device peak for MFU (0: table / measured)")
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--threads", type=int, default=0, help="pin to this many cores, torch threads too (0: all)")
+  p.add_argument("--json", default="", help="also write the figures to this file")
   sub = p.add_subparsers(dest="cmd", required=True)
+  _train_args(sub.add_parser("train-vit", help="our ViT train step vs HF PyTorch ViTForImageClassification"))
+  c = sub.add_parser("train-captioner", help="our captioner train step vs HF VisionEncoderDecoderModel")
+  _train_args(c)
+  c.add_argument("--dec-depth", type=int, default=4)
+  c.add_argument("--vocab", type=int, default=1000)
+  c.add_argument("--text-len", type=int, default=32, help="decoder input tokens per example")
+  c = sub.add_parser("compile", help="compile time, scanned vs unrolled layers")
+  _model_args(c)
+  c.add_argument("--depths", type=int, nargs="+", default=[2, 12, 24])
+  c.set_defaults(dtype="float32", scan=False)
+  i = sub.add_parser("input", help="input pipeline images/s vs train step images/s")
+  i.add_argument("--recipes", nargs="+", default=["configs/vit_shapes.py", "configs/cappa_shapes.py"])
+  i.add_argument("--data-dir", default="")
+  i.add_argument("--batches", type=int, default=30)
+  i.add_argument("--steps", type=int, default=10)
   d = sub.add_parser("decode", help="KV-cache vs uncached greedy decoding")
   d.add_argument("--width", type=int, default=256)
   d.add_argument("--depth", type=int, default=4)
@@ -66,9 +349,18 @@ def main(argv=None):
   d.add_argument("--batches", type=int, nargs="+", default=[1, 32])
   d.add_argument("--lengths", type=int, nargs="+", default=[16, 64])
   d.add_argument("--repeats", type=int, default=3)
-  d.add_argument("--json", default="", help="also write the figures to this file")
   a = p.parse_args(argv)
-  result = bench_decode(a)
+  if a.threads:  # before the first JAX computation creates the CPU client and its thread pool
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:a.threads])
+  a.threads = len(os.sched_getaffinity(0))
+  try:
+    import torch
+    torch.set_num_threads(a.threads)
+  except ImportError:
+    pass
+  bench = {"train-vit": bench_train_vit, "train-captioner": bench_train_captioner, "compile": bench_compile,
+           "input": bench_input, "decode": bench_decode}[a.cmd]
+  result = bench(a)
   line = json.dumps(result)
   if a.json:
     with open(a.json, "w") as f:

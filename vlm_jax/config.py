@@ -30,6 +30,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 500
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 3
+  c.grad_accum_steps = 1  # microbatches per step (lax.scan inside the jitted step); batch_size stays global
+  c.peak_tflops = 0.0  # per-device peak for MFU; 0: bf16 table for TPU/GPU, measured matmul peak on CPU
   c.data_dir = os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
   c.mesh = "data=-1,fsdp=1,tensor=1"
   c.init_from = ""  # another workdir (or workdir:STEP) whose params initialise this run
@@ -150,6 +152,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   for key in ("total_steps", "batch_size", "log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
     if not isinstance(cfg[key], int) or cfg[key] <= 0:
       raise UserError(f"config: '{key}' must be a positive integer, got {cfg[key]!r}.")
+  accum = cfg.get("grad_accum_steps", 1)  # absent from configs written before it existed
+  if not isinstance(accum, int) or accum <= 0:
+    raise UserError(f"config: 'grad_accum_steps' must be a positive integer, got {accum!r}.")
   parse_mesh(cfg.mesh)
   for group, key in (("input", "image_size"), ("evals", "batch_size")):
     value = cfg[group].get(key)

@@ -64,6 +64,19 @@ def make_mesh(spec: str, devices=None) -> jax.sharding.Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
+def fit_sharding(shape, sharding: NamedSharding) -> NamedSharding:
+  """Drops the mesh axes of any dimension they do not divide (e.g. an odd vocabulary over tensor=2).
+
+  jit cannot place such a dimension on those axes; the parameter is then replicated along them.
+  """
+  spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+  for i, axes in enumerate(spec):
+    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    if names and shape[i] % int(np.prod([sharding.mesh.shape[a] for a in names])):
+      spec[i] = None
+  return NamedSharding(sharding.mesh, P(*spec))
+
+
 def data_shards(mesh) -> int:
   return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 

@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
-from vlm_jax import checkpoint, config as config_lib, optim, parallel, tasks
+from vlm_jax import checkpoint, config as config_lib, flops, optim, parallel, tasks
 from vlm_jax import logging as vlog
 from vlm_jax.data import pipeline, sources
 from vlm_jax.errors import UserError, run_cli
@@ -85,6 +85,10 @@ def build(cfg, data_info=None, devices=None) -> Setup:
   config_lib.validate(cfg)
   mesh = parallel.make_mesh(cfg.mesh, devices)
   parallel.check_batch(cfg.batch_size, mesh)
+  accum = cfg.get("grad_accum_steps", 1)
+  if cfg.batch_size % accum:
+    raise UserError(f"batch_size={cfg.batch_size} is not divisible by grad_accum_steps={accum}. Choose a divisor.")
+  parallel.check_batch(cfg.batch_size // accum, mesh, "batch_size / grad_accum_steps")
   parallel.check_batch(cfg.evals.batch_size, mesh, "evals.batch_size")
   rules = parallel.RULES
   data_info = data_info or open_data(cfg)
@@ -104,21 +108,54 @@ def build(cfg, data_info=None, devices=None) -> Setup:
 
   opt_specs = optim.state_specs(jax.eval_shape(tx.init, params_abs), params_abs, param_specs)
   logical = TrainState(step=P(), params=param_specs, opt_state=opt_specs, rng=P())
-  state_sharding = nn.logical_to_mesh_sharding(logical, mesh, rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     abstract_state = jax.eval_shape(init_fn, root)
+  state_sharding = jax.tree.map(lambda x, sh: parallel.fit_sharding(x.shape, sh), abstract_state,
+                                nn.logical_to_mesh_sharding(logical, mesh, rules))
   abstract_state = checkpoint.abstract_like(abstract_state, state_sharding)
   init_state = jax.jit(init_fn, out_shardings=state_sharding)
   host = pipeline.Host(jax.process_index(), jax.process_count())
   return Setup(cfg, mesh, rules, task, tx, schedule, state_sharding, abstract_state, init_state, host, data_info)
 
 
+def accumulated_grads(loss_fn, steps: int, mesh):
+  """value_and_grad of `loss_fn`, averaged over `steps` microbatches in a lax.scan.
+
+  The update equals the full batch's when the loss is a mean over examples (exactly so for
+  classification; token-weighted losses become a mean of microbatch means), with 1/steps of the
+  activation memory. Microbatch j takes rows j, j+steps, ... so it stays spread over every device
+  without moving data. Microbatch j's key is fold_in(rng, j).
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if steps == 1:
+    return grad_fn
+  spread = NamedSharding(mesh, P(None, parallel.BATCH_AXES))
+
+  def split(x):
+    x = x.reshape(x.shape[0] // steps, steps, *x.shape[1:]).swapaxes(0, 1)
+    return jax.lax.with_sharding_constraint(x, spread)
+
+  def fn(params, batch, rng):
+    micro = jax.tree.map(split, batch)
+
+    def body(acc, xs):
+      j, mb = xs
+      out = grad_fn(params, mb, jax.random.fold_in(rng, j))
+      return jax.tree.map(jnp.add, acc, out), None
+    first = jax.tree.map(lambda x: x[0], micro)
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(grad_fn, params, first, rng))
+    total, _ = jax.lax.scan(body, zeros, (jnp.arange(steps), micro))
+    return jax.tree.map(lambda x: x / steps, total)
+  return fn
+
+
 def make_train_step(s: Setup):
   task, tx, schedule = s.task, s.tx, s.schedule
+  grad_fn = accumulated_grads(task.loss_fn, s.cfg.get("grad_accum_steps", 1), s.mesh)
 
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(state.rng, state.step)
-    (loss, metrics), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(state.params, batch, rng)
+    (loss, metrics), grads = grad_fn(state.params, batch, rng)
     grads = optim.zero_frozen(s.cfg.optimizer, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -237,6 +274,9 @@ def train(cfg, workdir: str) -> dict:
                                    getattr(s.task, "tokenizer", None), text_stats)
   train_step = make_train_step(s)
   progress = vlog.Progress(cfg.total_steps, start, enabled=lead)
+  example = s.task.dummy_batch(1)
+  cost = (flops.train_flops(s.task.model, example), flops.tokens_per_example(example), jax.device_count(),
+          flops.peak_flops_per_device(cfg.get("peak_tflops", 0.0)))
   last_eval, t0, n0 = {}, time.perf_counter(), start
   for step in range(start + 1, cfg.total_steps + 1):
     with s.context():
@@ -246,11 +286,13 @@ def train(cfg, workdir: str) -> dict:
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       dt = time.perf_counter() - t0
       metrics["images_per_s"] = (step - n0) * cfg.batch_size / max(dt, 1e-9)
+      metrics.update(flops.throughput(metrics["images_per_s"], *cost))
       if cfg.input.text:  # this process's texts cut to input.max_len since it started
         metrics["texts_truncated"] = text_stats.truncated
       t0, n0 = time.perf_counter(), step
       writer.write(step, {f"train/{k}": v for k, v in metrics.items()})
-      progress.update(0, loss=metrics["loss"], img_s=round(metrics["images_per_s"], 1))
+      progress.update(0, loss=metrics["loss"], img_s=round(metrics["images_per_s"], 1),
+                      **({"mfu": round(metrics["mfu"], 3)} if "mfu" in metrics else {}))
     if step % cfg.eval_every_steps == 0 or step == cfg.total_steps:
       last_eval = evaluate(s, state.params, step, workdir)
       writer.write(step, last_eval)

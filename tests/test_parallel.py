@@ -1,0 +1,145 @@
+"""Sharding on 8 simulated devices: every model family on DP, FSDP, TP and FSDP x TP meshes equals one
+device, shards params + optimizer state as the mesh promises, and names only known logical axes;
+gradient accumulation gives the full batch's update; odd dimensions fall back to replication.
+"""
+
+import os
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from vlm_jax import config, parallel, train
+from vlm_jax.data import pipeline, sources
+from vlm_jax.errors import UserError
+
+from conftest import REPO
+
+# One tiny recipe per model family (the two-tower family joins here with its recipe). Widths are
+# 128 with 4x MLPs so that, as in real models, matrices dominate the parameter count: the patch
+# embedding, position embeddings and the classifier head stay replicated over `tensor` (Megatron
+# convention), which at width 32 would be a quarter of all parameters.
+FAMILIES = {
+    "classifier": ("configs/vit_shapes.py:tiny", {"model.width": 128, "model.mlp_dim": 512}),
+    "captioner": ("configs/cappa_shapes.py:tiny", {"model.encoder.width": 128, "model.encoder.mlp_dim": 512,
+                                                   "model.decoder.width": 128, "model.decoder.mlp_dim": 512}),
+}
+MESHES = {
+    "dp8": "data=8,fsdp=1,tensor=1",
+    "fsdp8": "data=1,fsdp=8,tensor=1",
+    "tp2_dp4": "data=4,fsdp=1,tensor=2",
+    "fsdp4_tp2": "data=1,fsdp=4,tensor=2",
+}
+
+
+def _config(data_dir, family, **overrides):
+  recipe, sizes = FAMILIES[family]
+  cfg = config.load(os.path.join(REPO, recipe))
+  cfg.data_dir = data_dir
+  for key, value in {**sizes, **overrides}.items():
+    *parents, leaf = key.split(".")
+    node = cfg
+    for k in parents:
+      node = node[k]
+    node[leaf] = value
+  return cfg
+
+
+def _loss_and_grads(s, batch, state=None):
+  with s.context():
+    state = s.init_state(jax.random.PRNGKey(0)) if state is None else jax.device_put(state, s.state_sharding)
+    gb = parallel.shard_batch(batch, s.mesh)
+    fn = jax.jit(jax.value_and_grad(lambda p, b: s.task.loss_fn(p, b, jax.random.PRNGKey(1))[0]))
+    loss, grads = fn(state.params, gb)
+  return state, float(loss), jax.device_get(grads)
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def reference(request, data_dir):
+  """A family's single-device loss and gradients on one batch (computed once per module)."""
+  cfg = _config(data_dir, request.param)
+  s = train.build(cfg, devices=jax.devices()[:1])
+  batch = next(pipeline.train_batches(cfg.input, data_dir, 0, 32, tokenizer=getattr(s.task, "tokenizer", None)))
+  state, loss, grads = _loss_and_grads(s, batch)
+  return request.param, batch, jax.device_get(state), loss, grads
+
+
+def _device_bytes(tree) -> dict:
+  out = {}
+  for x in jax.tree.leaves(tree):
+    for shard in x.addressable_shards:
+      out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+  return out
+
+
+@pytest.mark.parametrize("mesh", sorted(MESHES))
+def test_sharded_equals_single_device_and_shards_state(reference, data_dir, mesh):
+  family, batch, state1, loss1, g1 = reference
+  cfg = _config(data_dir, family, mesh=MESHES[mesh])
+  s = train.build(cfg, devices=jax.devices()[:8])
+  state, loss8, g8 = _loss_and_grads(s, batch, state1)  # sharded init equals single-device init
+  assert abs(loss1 - loss8) < 1e-5
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), g1, g8)
+
+  sharded = s.mesh.shape["fsdp"] * s.mesh.shape["tensor"]
+  tree = (state.params, state.opt_state)
+  total = sum(x.nbytes for x in jax.tree.leaves(tree))
+  per_device = _device_bytes(tree)
+  assert len(per_device) == 8
+  assert max(per_device.values()) <= 1.1 * total / sharded, (max(per_device.values()), total / sharded)
+  for path, x in jax.tree_util.tree_flatten_with_path(state.params)[0]:
+    if x.size >= 4096:  # every matrix is split at least over fsdp
+      assert x.addressable_shards[0].data.size * s.mesh.shape["fsdp"] <= x.size, jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_logical_name_has_a_rule(data_dir, family):
+  """An unmatched logical name silently means "replicated": every name a parameter uses is in RULES."""
+  s = train.build(_config(data_dir, family), devices=jax.devices()[:1])
+  dummy = s.task.dummy_batch(1)
+  with s.context():
+    boxed = jax.eval_shape(lambda r: s.task.init(r, dummy), jax.random.PRNGKey(0))
+  known = {name for name, _ in parallel.RULES}
+  used = {n for spec in jax.tree.leaves(nn.get_partition_spec(boxed), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+          for n in spec if n is not None}
+  assert used and used <= known, used - known
+
+
+def test_grad_accumulation_gives_the_full_batch_update(data_dir):
+  cfg = _config(data_dir, "classifier", mesh="data=4,fsdp=2,tensor=1")
+  cfg.model.width, cfg.model.mlp_dim = 32, 64
+  cfg.optimizer.name, cfg.optimizer.warmup_steps, cfg.optimizer.schedule = "sgd", 0, "constant"
+  batch = next(pipeline.train_batches(cfg.input, data_dir, 0, 32))
+  results, init = [], None
+  for accum in (1, 4):  # 4 microbatches of 8 rows: one row per data shard each
+    cfg.grad_accum_steps = accum
+    s = train.build(cfg, devices=jax.devices()[:8])
+    step = train.make_train_step(s)
+    with s.context():
+      init = jax.device_get(s.init_state(jax.random.PRNGKey(0))) if init is None else init
+      state, metrics = step(jax.device_put(init, s.state_sharding), parallel.shard_batch(batch, s.mesh))
+    results.append((jax.device_get(state.params), jax.device_get(metrics)))
+  (p1, m1), (p4, m4) = results
+  for k in ("loss", "accuracy", "grad_norm"):
+    np.testing.assert_allclose(m1[k], m4[k], rtol=1e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7, rtol=1e-6), p1, p4)
+  assert not np.allclose(p1["head"]["kernel"], 0)  # the step really moved the (zero-initialised) head
+  cfg.grad_accum_steps = 3
+  with pytest.raises(UserError, match="batch_size=32 is not divisible by grad_accum_steps=3"):
+    train.build(cfg, devices=jax.devices()[:8])
+
+
+def test_odd_dimensions_are_replicated_instead_of_failing(data_dir):
+  cfg = _config(data_dir, "classifier", mesh="data=4,fsdp=1,tensor=2")
+  info = sources.DataInfo("synthetic", 7, None, {}, ())
+  cfg.model.width, cfg.model.mlp_dim, cfg.model.num_heads = 32, 66, 2
+  s = train.build(cfg, info, devices=jax.devices()[:8])
+  fc1 = s.state_sharding.params["encoder"]["layers"]["mlp"]["fc1"]["kernel"]
+  assert fc1.spec[-1] == "tensor"  # 66 splits over tensor=2
+  cfg.model.mlp_dim = 63  # odd: the MLP stays whole on each tensor shard
+  s = train.build(cfg, info, devices=jax.devices()[:8])
+  assert s.state_sharding.params["encoder"]["layers"]["mlp"]["fc1"]["kernel"].spec[-1] is None
+  zeros = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), s.abstract_state)
+  state = jax.device_put(zeros, s.state_sharding)  # raises for a sharding that does not divide
+  assert state.params["encoder"]["layers"]["mlp"]["fc1"]["kernel"].shape == (2, 32, 63)

@@ -1,0 +1,143 @@
+"""Analytic FLOP counts of the models, device peak FLOP/s, and the throughput figures of a log line.
+
+`compiled.cost_analysis()` counts the body of a scanned layer stack once, so model FLOPs are
+counted here from the architecture instead: matmuls and convolutions only (2 FLOPs per
+multiply-add), attention scores and weighted values over the full (unmasked) T x T square as the
+hardware computes them. A training step costs 3x the forward pass (backward = 2x forward), except
+the patch embedding, whose input (the images) needs no gradient: 2x. Elementwise work (norms,
+softmax, GELU, the optimizer) is left out, as in the usual MFU definition.
+
+Peaks: dense bf16 FLOP/s per chip for TPUs and NVIDIA GPUs, looked up by `device_kind`; on CPU the
+f32 matmul peak is measured once by a short jitted matmul and split evenly over the local devices
+(simulated CPU devices share the cores). `peak_tflops` in the config overrides both.
+"""
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+
+from vlm_jax.models.text import Decoder
+from vlm_jax.models.vit import ViT
+from vlm_jax.models.vlm import Captioner
+
+# Dense bf16 peak TFLOP/s per device, matched in order against the lower-cased device_kind.
+PEAK_BF16_TFLOPS = (
+    ("v6 lite", 918.0), ("v6e", 918.0),
+    ("v5 lite", 197.0), ("v5e", 197.0),
+    ("v5p", 459.0), ("v5", 459.0),
+    ("v4", 275.0),
+    ("h200", 989.0),
+    ("h100 pcie", 756.0), ("h100", 989.0),
+    ("a100", 312.0),
+)
+
+
+def _attention(q_len, kv_len, d):
+  """Scores (q . k) and weighted values, all heads together."""
+  return 4 * q_len * kv_len * d
+
+
+def _mlp(t, d, hidden):
+  return 4 * t * d * hidden
+
+
+def encoder_layer(t, d, mlp_dim):
+  """One pre-LN self-attention block over t tokens: q, k, v, out projections + attention + MLP."""
+  return 8 * t * d * d + _attention(t, t, d) + _mlp(t, d, mlp_dim)
+
+
+def vit_forward(vit, image_size: int) -> tuple[int, int]:
+  """(FLOPs of one image's forward pass, of which patch embedding) for a `models.vit.ViT`."""
+  grid = image_size // vit.patch_size
+  n, d = grid * grid, vit.width
+  t = n + (vit.pool == "cls")
+  embed = 2 * n * (vit.patch_size ** 2 * 3) * d
+  total = embed + vit.depth * encoder_layer(t, d, vit.mlp_dim)
+  if vit.pool == "map":  # one probe query attends over the t tokens, then an MLP on it
+    total += 4 * d * d + 4 * t * d * d + _attention(1, t, d) + _mlp(1, d, vit.mlp_dim)
+  if vit.num_classes:
+    total += 2 * d * vit.num_classes
+  return total, embed
+
+
+def decoder_forward(dec, length: int, enc_tokens: int, enc_width: int) -> int:
+  """One sequence of `length` tokens through a `models.text.Decoder` cross-attending to the image."""
+  d = dec.width
+  per_layer = (encoder_layer(length, d, dec.mlp_dim)  # self-attention block + MLP
+               + 4 * length * d * d + 4 * enc_tokens * d * d + _attention(length, enc_tokens, d))  # cross
+  total = dec.depth * per_layer + 2 * length * d * dec.vocab_size
+  if enc_width != d:
+    total += 2 * enc_tokens * enc_width * d  # enc_proj
+  return total
+
+
+def forward_flops(model, batch: dict):
+  """(forward FLOPs per example, of which input-side-only work) for a task's model and batch shapes.
+
+  Add a branch here for a new model family (e.g. the two-tower model); None where there is none.
+  """
+  image_size = batch["image"].shape[1]
+  if isinstance(model, ViT):
+    return vit_forward(model, image_size)
+  if isinstance(model, Captioner):
+    enc = ViT(**{"pool": "none", **dict(model.encoder or {}), "num_classes": 0})  # as Captioner.setup builds it
+    dec = Decoder(**dict(model.decoder))
+    img, embed = vit_forward(enc, image_size)
+    grid = image_size // enc.patch_size
+    enc_tokens = grid * grid + (enc.pool == "cls")
+    return img + decoder_forward(dec, batch["tokens"].shape[1] - 1, enc_tokens, enc.width), embed
+  return None  # unknown family: the log lines then carry no TFLOP/s or MFU
+
+
+def train_flops(model, batch: dict):
+  """FLOPs of one example's training step (forward + backward); None for an unknown model."""
+  counts = forward_flops(model, batch)
+  return None if counts is None else 3 * counts[0] - counts[1]
+
+
+def tokens_per_example(batch: dict) -> int:
+  """Text positions trained per example (targets of teacher forcing); 0 for image-only tasks."""
+  return batch["tokens"].shape[1] - 1 if "tokens" in batch else 0
+
+
+@functools.lru_cache(maxsize=None)
+def measured_cpu_peak(n: int = 1024, repeats: int = 5) -> float:
+  """Best f32 matmul FLOP/s of this host over a few jitted n x n x n products."""
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  jax.block_until_ready(f(a))
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(f(a))
+    best = min(best, time.perf_counter() - t)
+  return 2 * n ** 3 / best
+
+
+def peak_flops_per_device(override_tflops: float = 0.0, device=None):
+  """Peak FLOP/s of one device: the override, the bf16 table, or (CPU) measured; None if unknown."""
+  if override_tflops:
+    return override_tflops * 1e12
+  device = device or jax.local_devices()[0]
+  if device.platform == "cpu":
+    return measured_cpu_peak() / jax.local_device_count()
+  kind = device.device_kind.lower()
+  for key, tflops in PEAK_BF16_TFLOPS:
+    if key in kind:
+      return tflops * 1e12
+  return None
+
+
+def throughput(examples_per_s: float, flops_per_example: int, tokens: int, num_devices: int, peak) -> dict:
+  """The figures of a train log line beyond images/s: tokens/s, TFLOP/s per device, MFU."""
+  out = {}
+  if tokens:
+    out["tokens_per_s"] = examples_per_s * tokens
+  if flops_per_example:
+    per_device = examples_per_s * flops_per_example / num_devices
+    out["tflops_per_device"] = per_device / 1e12
+    if peak:
+      out["mfu"] = per_device / peak
+  return out
