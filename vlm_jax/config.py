@@ -17,6 +17,7 @@ import ml_collections
 from vlm_jax.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
+NAN_POLICIES = ("skip", "stop")
 REQUIRED = ("task", "total_steps", "batch_size", "model", "input", "optimizer")
 
 
@@ -30,6 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 500
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 3
+  c.nan_policy = "skip"  # non-finite loss or gradient norm: "skip" the update, or "stop" the run
   c.data_dir = os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
   c.mesh = "data=-1,fsdp=1,tensor=1"
   c.init_from = ""  # another workdir (or workdir:STEP) whose params initialise this run
@@ -138,9 +140,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       raise UserError(f"config: required key '{key}' is missing or empty; set it in the recipe or with --config.{key}=...")
   if cfg.task not in tasks.TASKS:
     raise UserError(f"config: unknown task '{cfg.task}'.{nearest(cfg.task, tasks.TASKS)} Known tasks: {', '.join(sorted(tasks.TASKS))}.")
-  for key in ("total_steps", "batch_size", "log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
+  for key in ("total_steps", "batch_size", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
+              "keep_checkpoints"):
     if not isinstance(cfg[key], int) or cfg[key] <= 0:
       raise UserError(f"config: '{key}' must be a positive integer, got {cfg[key]!r}.")
+  if cfg.get("nan_policy") not in NAN_POLICIES:
+    raise UserError(f"config: nan_policy must be one of {', '.join(NAN_POLICIES)}, got {cfg.get('nan_policy')!r}.")
   parse_mesh(cfg.mesh)
 
 
