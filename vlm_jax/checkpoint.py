@@ -14,6 +14,7 @@ failed save (disk full, permissions) becomes one error naming the step and the s
 """
 
 import errno
+import json
 import os
 import sys
 
@@ -100,7 +101,7 @@ class Checkpointer:
     saved = {param_path(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(meta)[0]
              if hasattr(m, "shape")}
     wanted = {param_path(p): tuple(a.shape) for p, a in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
-    where = f"checkpoint {self.directory}/{step}"
+    where = f"checkpoint {self.directory}/{step}{self._recorded_task()}"
     for path, shape in wanted.items():
       if path not in saved:
         raise UserError(f"{where} belongs to a different model: it has no parameter '{path}'. "
@@ -113,6 +114,15 @@ class Checkpointer:
     if extra:
       raise UserError(f"{where} belongs to a different model: it has parameter '{extra[0]}' that this "
                       f"config does not build. Use a new --workdir (the checkpoint was left untouched).")
+
+  def _recorded_task(self) -> str:
+    """' (a 'TASK' run, per WORKDIR/config.json)' when the run that wrote this directory says so."""
+    path = os.path.join(os.path.dirname(self.directory), "config.json")
+    try:
+      with open(path) as f:
+        return f" (a '{json.load(f)['task']}' run, per {path})"
+    except (OSError, ValueError, KeyError, TypeError):
+      return ""
 
   def restore(self, step: int, abstract_state):
     """Restores `step` onto the shardings of `abstract_state` (ShapeDtypeStructs with .sharding)."""
