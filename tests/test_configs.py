@@ -41,3 +41,29 @@ def test_vit_b16_imagenet_one_fsdp_step_at_tiny_size():
   assert abs(float(metrics["loss"]) - np.log(1000)) < 0.5
   head = state.params["head"]["kernel"]
   assert head.shape == (32, 1000) and head.addressable_shards[0].data.shape == (4, 1000)
+
+
+def test_cappa_b16_coco_one_fsdp_step_at_tiny_size(tmp_path):
+  from vlm_jax.data import tokenizer as tokenizer_lib
+
+  cfg = config.load(os.path.join(REPO, "configs/cappa_b16_coco.py"))
+  assert cfg.model.dtype == "bfloat16" and cfg.input.caption_key == "captions/text"
+  cfg.model.encoder.update(dict(width=32, depth=2, num_heads=2, mlp_dim=64))
+  cfg.model.decoder.update(dict(width=32, depth=2, num_heads=2, mlp_dim=64))
+  cfg.input.image_size, cfg.batch_size = 32, 16
+  tok = tokenizer_lib.train_tokenizer(["a man riding a horse on a beach", "two dogs on a couch"] * 10, 80)
+  cfg.input.tokenizer = str(tmp_path / "tokenizer.json")
+  tok.save(cfg.input.tokenizer)
+  info = DataInfo("coco_captions", 0, None, {"train": 82783, "restval": 30504, "val": 5000, "test": 5000},
+                  ("image", "captions", "objects"))
+  s = train.build(cfg, data_info=info, devices=jax.devices()[:8])
+  step = train.make_train_step(s)
+  rng = np.random.default_rng(0)
+  tokens, _ = tok.caption_sequences(["a man riding a horse"] * 16, cfg.input.max_len)
+  batch = {"image": rng.normal(size=(16, 32, 32, 3)).astype(np.float32), "tokens": tokens}
+  with s.context():
+    state = s.init_state(jax.random.PRNGKey(0))
+    state, metrics = step(state, parallel.shard_batch(batch, s.mesh))
+  assert int(state.step) == 1 and np.isfinite(float(metrics["loss"]))
+  emb = state.params["txt"]["token_embed"]["embedding"]
+  assert emb.shape == (tok.vocab_size, 32)

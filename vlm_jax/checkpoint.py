@@ -203,10 +203,12 @@ def _square(n: int) -> bool:
   return n > 0 and int(round(np.sqrt(n))) ** 2 == n
 
 
-def load_params(spec: str, target: dict, include: str = ".*") -> tuple[dict, list]:
+def load_params(spec: str, target: dict, include: str = ".*", prefix: str = "") -> tuple[dict, list]:
   """Initialises `target` params from another run: `spec` is 'WORKDIR' or 'WORKDIR:STEP'.
 
-  Parameters whose path matches `include` and exists in the source with the same shape are
+  The source's parameter paths get `prefix` prepended (e.g. 'img/' places a classification run's
+  ViT as a captioner's image tower). Parameters whose path matches `include` and exists in the
+  source with the same shape are
   copied; a position embedding of another length (another resolution) is resized bilinearly;
   the rest keeps its fresh initialisation. Returns (params as numpy, list of copied paths).
   """
@@ -226,7 +228,8 @@ def load_params(spec: str, target: dict, include: str = ".*") -> tuple[dict, lis
                     f"(steps: {sorted(source.manager.all_steps()) or 'none'}).")
   saved = source.restore_host(step)
   source.close()
-  flat = {param_path(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(saved["params"])[0]}
+  flat = {prefix + param_path(p): np.asarray(v)
+          for p, v in jax.tree_util.tree_flatten_with_path(saved["params"])[0]}
   rx, copied = re.compile(include), []
 
   def pick(p, x):
@@ -246,5 +249,8 @@ def load_params(spec: str, target: dict, include: str = ".*") -> tuple[dict, lis
                     f"Exclude it with --config.init_include (a regex of parameters to load).")
   params = jax.tree_util.tree_map_with_path(pick, jax.device_get(target))
   if not copied:
-    raise UserError(f"init_from='{spec}': no parameter matched init_include='{include}'.")
+    raise UserError(f"init_from='{spec}': no parameter matched init_include='{include}' (source paths "
+                    f"look like '{next(iter(flat), '')}', this model's like "
+                    f"'{param_path(jax.tree_util.tree_flatten_with_path(target)[0][0][0])}'; "
+                    f"--config.init_prefix adds a prefix to the source's).")
   return params, copied

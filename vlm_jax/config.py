@@ -36,6 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = "data=-1,fsdp=1,tensor=1"
   c.init_from = ""  # another workdir (or workdir:STEP) whose params initialise this run
   c.init_include = ".*"  # regex: which parameters init_from loads (e.g. '^encoder/')
+  c.init_prefix = ""  # put the source's params under this path, e.g. 'img/': a classifier's ViT -> captioner
   c.distributed = ml_collections.ConfigDict(
       dict(enable="auto", coordinator_address="", num_processes=0, process_id=-1))
 
@@ -46,7 +47,15 @@ def base_config() -> ml_collections.ConfigDict:
       end_lr_ratio=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4,
       grad_clip_norm=1.0,
       # Parameters whose path matches this regex get no weight decay.
-      no_decay="(bias|scale|pos_embedding|cls|embedding)$"))
+      no_decay="(bias|scale|pos_embedding|cls|embedding)$",
+      # Fine-tuning: a regex of parameters to keep fixed (no updates, no optimizer state), e.g. '^img/'.
+      freeze="",
+      # Learning-rate multipliers by parameter group: 'REGEX=MULT;REGEX=MULT' (first match wins).
+      lr_multipliers="",
+      # Layer-wise lr decay (0: off): layer i of L gets decay**(L - i), embeddings decay**(L + 1).
+      layer_decay=0.0,
+      layer_decay_scope="",  # regex holding exactly one layer stack, e.g. '^img/' for a captioner
+      layer_decay_embed="(^|/)(embedding|pos_embedding|cls)(/|$)"))
 
   c.input = ml_collections.ConfigDict(dict(
       data="shapes",  # tfds name[/config], e.g. shapes, shapes/tiny, cifar10, imagenet2012

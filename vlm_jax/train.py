@@ -102,9 +102,7 @@ def build(cfg, data_info=None, devices=None) -> Setup:
     params = nn.meta.unbox(task.init(rng, dummy))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
 
-  abstract = jax.eval_shape(tx.init, params_abs)
-  opt_specs = optax.tree_map_params(tx, lambda _, s: s, abstract, param_specs,
-                                    transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P))
+  opt_specs = optim.state_specs(jax.eval_shape(tx.init, params_abs), params_abs, param_specs)
   logical = TrainState(step=P(), params=param_specs, opt_state=opt_specs, rng=P())
   state_sharding = nn.logical_to_mesh_sharding(logical, mesh, rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -121,6 +119,7 @@ def make_train_step(s: Setup):
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(state.rng, state.step)
     (loss, metrics), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(state.params, batch, rng)
+    grads = optim.zero_frozen(s.cfg.optimizer, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {**metrics, "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step)}
@@ -226,9 +225,14 @@ def train(cfg, workdir: str, stop: preemption.StopSignal = None) -> dict:
   checkpoint.check_writable(workdir, os.path.join(workdir, "checkpoints"))
   s = build(cfg)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
+  tok = getattr(s.task, "tokenizer", None)
+  if tok is not None and ckpt.latest_step() is not None:
+    tasks.captioning.check_same_tokenizer(tok, workdir, f"Resume with --config.input.tokenizer="
+                                          f"{workdir}/tokenizer.json, or use a new --workdir.")
   state, resumed = restore_or_init(s, ckpt)
   if cfg.init_from and not resumed:
-    params, copied = checkpoint.load_params(cfg.init_from, state.params, cfg.init_include)
+    params, copied = checkpoint.load_params(cfg.init_from, state.params, cfg.init_include,
+                                              cfg.init_prefix)
     state = state.replace(params=jax.device_put(params, s.state_sharding.params))
     print(f"Initialised {len(copied)} parameters from {cfg.init_from}", flush=True)
   start = int(jax.device_get(state.step))
@@ -249,8 +253,9 @@ def train(cfg, workdir: str, stop: preemption.StopSignal = None) -> dict:
     return {}
 
   local_batch = cfg.batch_size // s.host.count
+  text_stats = pipeline.TextStats()
   batches = pipeline.train_batches(cfg.input, cfg.data_dir, cfg.seed, local_batch, start, s.host,
-                                   getattr(s.task, "tokenizer", None))
+                                   getattr(s.task, "tokenizer", None), text_stats)
   train_step = make_train_step(s)
   progress = vlog.Progress(cfg.total_steps, start, enabled=lead)
   last_eval, t0, n0, skipped = {}, time.perf_counter(), start, 0
@@ -269,6 +274,8 @@ def train(cfg, workdir: str, stop: preemption.StopSignal = None) -> dict:
       metrics["skipped_steps"], skipped = int(skipped), 0  # updates dropped since the last line
       dt = time.perf_counter() - t0
       metrics["images_per_s"] = (step - n0) * cfg.batch_size / max(dt, 1e-9)
+      if cfg.input.text:  # this process's texts cut to input.max_len since it started
+        metrics["texts_truncated"] = text_stats.truncated
       t0, n0 = time.perf_counter(), step
       writer.write(step, {f"train/{k}": v for k, v in metrics.items()})
       progress.update(0, loss=metrics["loss"], img_s=round(metrics["images_per_s"], 1))

@@ -4,9 +4,11 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 from vlm_jax import config, logging as vlog, parallel, train
-from vlm_jax.data import pipeline
+from vlm_jax.data import pipeline, tokenizer as tokenizer_lib
+from vlm_jax.errors import UserError
 
 from conftest import REPO
 
@@ -41,6 +43,7 @@ def test_caption_then_vqa_finetune(data_dir, tmp_path):
   assert rows[-1]["train/loss"] < rows[0]["train/loss"]
   assert os.path.exists(os.path.join(cap, "tokenizer.json"))
   assert os.listdir(os.path.join(cap, "pictures"))
+  assert all("train/texts_truncated" in r for r in rows)
 
   vqa = _cfg(data_dir, "vqa_shapes")
   vqa.init_from = cap
@@ -48,3 +51,15 @@ def test_caption_then_vqa_finetune(data_dir, tmp_path):
   assert 0.0 <= results["test/vqa_accuracy"] <= 1.0 and "test/perplexity" in results
   rows = [r for r in vlog.read_metrics(str(tmp_path / "vqa")) if "train/loss" in r]
   assert rows[-1]["train/loss"] < rows[0]["train/loss"]
+
+  # A tokenizer other than the checkpoint's is refused, for init_from and for resuming.
+  other = os.path.join(tmp_path, "other.json")
+  tokenizer_lib.train_tokenizer(["a blue cube", "two green stars"] * 20, vocab_size=60).save(other)
+  saved = open(os.path.join(cap, "tokenizer.json"), "rb").read()
+  vqa.input.tokenizer = other
+  with pytest.raises(UserError, match="does not match .*cap/tokenizer.json"):
+    train.build(vqa)
+  cfg.input.tokenizer, cfg.total_steps = other, cfg.total_steps + 2
+  with pytest.raises(UserError, match="Resume with --config.input.tokenizer="):
+    train.train(cfg, cap)
+  assert open(os.path.join(cap, "tokenizer.json"), "rb").read() == saved

@@ -116,16 +116,35 @@ def texts(batch: dict, key: str) -> list:
   return [bytes(row).rstrip(b"\0").decode("utf-8", "ignore") for row in np.asarray(batch[key])]
 
 
-def tokenize(batch: dict, inp, tok, train: bool) -> dict:
+@dataclasses.dataclass
+class TextStats:
+  """Running counts of the texts tokenised and of those cut to `input.max_len` tokens."""
+  seen: int = 0
+  truncated: int = 0
+  warned: bool = False
+
+  def add(self, seen: int, truncated: int, max_len: int) -> None:
+    self.seen, self.truncated = self.seen + seen, self.truncated + int(truncated)
+    if self.truncated and not self.warned:
+      self.warned = True
+      print(f"warning: texts longer than input.max_len={max_len} tokens are truncated "
+            f"({self.truncated} of {self.seen} so far; logged as train/texts_truncated). "
+            f"Raise --config.input.max_len to keep them whole.", flush=True)
+
+
+def tokenize(batch: dict, inp, tok, train: bool, stats: TextStats = None) -> dict:
   """Adds token arrays for the task: `tokens` [B, max_len] (+ `loss_mask`, `prompt` for qa)."""
+  stats = stats or TextStats(warned=True)
   if inp.text == "caption":
     first = [t.split("\n")[0] for t in texts(batch, "caption")]
-    batch["tokens"], _ = tok.caption_sequences(first, inp.max_len)
+    batch["tokens"], cut = tok.caption_sequences(first, inp.max_len)
+    stats.add(len(first), cut, inp.max_len)
     if train:
       del batch["caption"]
   elif inp.text == "qa":
     questions, answers = texts(batch, "question"), [t.split("\n")[0] for t in texts(batch, "answer")]
     seq = tok.vqa_sequences(questions, answers, inp.max_len)
+    stats.add(len(questions), seq.truncated, inp.max_len)
     batch["tokens"], batch["loss_mask"] = seq.tokens, seq.loss_mask
     if train:
       del batch["question"], batch["answer"]
@@ -135,8 +154,8 @@ def tokenize(batch: dict, inp, tok, train: bool) -> dict:
 
 
 def train_batches(inp, data_dir: str, seed: int, local_batch: int, start_step: int = 0,
-                  host: Host = Host(), tokenizer=None) -> Iterator[dict]:
-  """Infinite iterator of training batches starting at `start_step`."""
+                  host: Host = Host(), tokenizer=None, stats: TextStats = None) -> Iterator[dict]:
+  """Infinite iterator of training batches starting at `start_step` (text counts into `stats`)."""
   builder = sources.open_source(inp.data, data_dir)
   split, n = _host_split(builder, inp.train_split, host)
   raw = _raw(builder, split, inp.image_key).enumerate()
@@ -159,7 +178,7 @@ def train_batches(inp, data_dir: str, seed: int, local_batch: int, start_step: i
   ds = ds.batch(local_batch, drop_remainder=True).prefetch(inp.prefetch)
   if not inp.text:
     return ds.as_numpy_iterator()
-  return (tokenize(b, inp, tokenizer, train=True) for b in ds.as_numpy_iterator())
+  return (tokenize(b, inp, tokenizer, train=True, stats=stats) for b in ds.as_numpy_iterator())
 
 
 def eval_batches(inp, data_dir: str, split: str, local_batch: int, host: Host = Host(), tokenizer=None):

@@ -114,6 +114,7 @@ class Tokenizer:
       raise UserError(f"tokenizer {source} has {PAD} at id {ids[PAD]}, expected 0. Train a new "
                       f"one with vlm_jax.data.tokenizer.train_tokenizer.")
     self._tok = backend
+    self.source = source
     self._ids = ids
     self._special_ids = frozenset(ids.values())
     self._vocab_size = backend.get_vocab_size(with_added_tokens=True)

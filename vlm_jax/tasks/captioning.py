@@ -13,6 +13,7 @@ Evaluation decodes every example (`evals.decode`: greedy / beam / sample) and re
 """
 
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,18 @@ def load_tokenizer(cfg):
   return tokenizer_lib.tokenizer_for_dataset(inp.data, cfg.data_dir, inp.vocab_size)
 
 
+def check_same_tokenizer(tok, directory: str, fix: str) -> None:
+  """Refuses `tok` when DIRECTORY/tokenizer.json (the one a checkpoint there was trained with) differs."""
+  path = os.path.join(os.path.abspath(os.path.expanduser(directory)), "tokenizer.json")
+  if not os.path.exists(path):
+    return
+  saved = tokenizer_lib.Tokenizer.load(path)
+  if saved.backend.get_vocab(with_added_tokens=True) != tok.backend.get_vocab(with_added_tokens=True):
+    raise UserError(f"tokenizer {tok.source} (vocab {tok.vocab_size}) does not match {path} (vocab "
+                    f"{saved.vocab_size}), the one the checkpoint in {os.path.dirname(path)} was trained "
+                    f"with: token ids would mean other words. {fix}")
+
+
 class Task:
   name = "captioning"
   decodes = True  # evaluation decodes every batch
@@ -49,6 +62,10 @@ class Task:
       raise UserError(f"task 'captioning' needs input.text='caption' or 'qa', got '{inp.text}'.")
     self.cfg, self.mode = cfg, inp.text
     self.tokenizer = load_tokenizer(cfg)
+    if cfg.init_from and re.search(cfg.init_include, "txt/token_embed/embedding"):
+      check_same_tokenizer(self.tokenizer, cfg.init_from.split(":")[0],
+                           f"Set --config.input.tokenizer= to that file (or leave it empty), or exclude "
+                           f"the text embedding from --config.init_include.")
     self.text_fields = ("caption",) if self.mode == "caption" else ("question", "answer")
     m = cfg.model
     self.masked_pred_prob = float(m.get("masked_pred_prob", 0.0))
