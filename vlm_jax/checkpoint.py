@@ -3,9 +3,20 @@
 Before restoring, the checkpoint's recorded tree is compared with the state this config builds;
 a checkpoint of another model shape is refused with a message naming the first mismatching
 parameter, and is never overwritten (training does not start).
+
+Damage: a save killed midway stays as `STEP.orbax-checkpoint-tmp`, which Orbax never lists.
+A finalized step whose files are damaged fails only when restored: `restore_latest` warns and
+falls back to the next older step, and moves the damaged one aside to `STEP.damaged` (nothing
+is deleted) so that the resumed run can save that step again. When no step restores, it is one
+error naming the directory. Orbax's keep-N deletes old steps only after the new one committed
+(also with async saves), so the last good checkpoint survives a crash or a failed save; a
+failed save (disk full, permissions) becomes one error naming the step and the step kept.
 """
 
+import errno
+import json
 import os
+import sys
 
 import jax
 import numpy as np
@@ -22,12 +33,67 @@ class Checkpointer:
                                            create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                         item_handlers=ocp.StandardCheckpointHandler())
+    self._unconfirmed = None  # the step of an async save not yet known to be committed
 
   def latest_step(self):
     return self.manager.latest_step()
 
   def save(self, step: int, state, force: bool = False) -> bool:
-    return self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+    self.wait()  # a failure of the previous async save surfaces here, naming that step
+    with _SaveFailure(self, step):
+      saved = self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+    self._unconfirmed = step if saved else None
+    return saved
+
+  def save_now(self, step: int, state) -> None:
+    """Saves `step` unless it is already saved, and waits until it is committed."""
+    if step not in self.manager.all_steps():
+      self.save(step, state, force=True)
+    self.wait()
+
+  def finalized_steps(self) -> list:
+    """Committed steps on disk (a killed or failed save stays a `*.orbax-checkpoint-tmp`)."""
+    try:
+      return sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
+    except OSError:
+      return []
+
+  def restore_latest(self, abstract_state):
+    """(state, step) of the newest step that restores, or (None, None) for an empty directory."""
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    failed = []
+    for step in steps:
+      try:
+        state = self.restore(step, abstract_state)
+      except UserError:
+        raise
+      except Exception as e:  # damaged or missing files: Orbax/TensorStore raise many types
+        failed.append(step)
+        _warn(f"checkpoint {self.directory}/{step} cannot be restored ({_reason(e)}); trying an older step.")
+        continue
+      if failed:
+        self._set_aside(failed)
+        _warn(f"resuming from step {step}; the damaged step(s) {', '.join(map(str, failed))} were moved "
+              f"to {self.directory}/STEP.damaged (nothing was deleted).")
+      return state, step
+    if failed:
+      raise UserError(f"no checkpoint in {self.directory} can be restored (steps {', '.join(map(str, failed))} "
+                      f"are damaged; nothing was deleted). Restore the directory from a backup, or move it "
+                      f"away to start this run from scratch.")
+    return None, None
+
+  def _set_aside(self, steps) -> None:
+    if jax.process_index() == 0:
+      for step in steps:
+        src = os.path.join(self.directory, str(step))
+        dst, i = src + ".damaged", 1
+        while os.path.exists(dst):
+          dst, i = f"{src}.damaged{i}", i + 1
+        os.rename(src, dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("damaged checkpoints set aside")
+    self.manager.reload()
 
   def check_compatible(self, step: int, abstract_state) -> None:
     """Raises UserError when the checkpoint's arrays do not match `abstract_state` in path or shape."""
@@ -35,7 +101,7 @@ class Checkpointer:
     saved = {param_path(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(meta)[0]
              if hasattr(m, "shape")}
     wanted = {param_path(p): tuple(a.shape) for p, a in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
-    where = f"checkpoint {self.directory}/{step}"
+    where = f"checkpoint {self.directory}/{step}{self._recorded_task()}"
     for path, shape in wanted.items():
       if path not in saved:
         raise UserError(f"{where} belongs to a different model: it has no parameter '{path}'. "
@@ -49,17 +115,84 @@ class Checkpointer:
       raise UserError(f"{where} belongs to a different model: it has parameter '{extra[0]}' that this "
                       f"config does not build. Use a new --workdir (the checkpoint was left untouched).")
 
+  def _recorded_task(self) -> str:
+    """' (a 'TASK' run, per WORKDIR/config.json)' when the run that wrote this directory says so."""
+    path = os.path.join(os.path.dirname(self.directory), "config.json")
+    try:
+      with open(path) as f:
+        return f" (a '{json.load(f)['task']}' run, per {path})"
+    except (OSError, ValueError, KeyError, TypeError):
+      return ""
+
   def restore(self, step: int, abstract_state):
     """Restores `step` onto the shardings of `abstract_state` (ShapeDtypeStructs with .sharding)."""
     self.check_compatible(step, abstract_state)
     return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
+  def restore_host(self, step: int):
+    """The whole saved tree of `step` as numpy arrays, without a config (tools, init_from)."""
+    meta = self.manager.item_metadata(step)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
+    return jax.device_get(self.manager.restore(step, args=ocp.args.StandardRestore(abstract)))
+
   def wait(self):
-    self.manager.wait_until_finished()
+    with _SaveFailure(self, self._unconfirmed):
+      self.manager.wait_until_finished()
+    self._unconfirmed = None
 
   def close(self):
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()
+
+
+class _SaveFailure:
+  """Turns an exception of a save into one UserError naming the step, the cause and the step kept."""
+
+  def __init__(self, ckpt: Checkpointer, step):
+    self.ckpt, self.step = ckpt, step
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, kind, e, tb):
+    if e is None or isinstance(e, (UserError, KeyboardInterrupt)) or not isinstance(e, Exception):
+      return False
+    good = [s for s in self.ckpt.finalized_steps() if s != self.step]
+    kept = (f"the last good checkpoint, {self.ckpt.directory}/{good[-1]}, is kept" if good
+            else "no earlier checkpoint exists")
+    raise UserError(f"saving checkpoint {self.ckpt.directory}/{self.step} failed: {_reason(e)}; {kept}. "
+                    f"Free disk space or fix the directory's permissions, then run the same command "
+                    f"to resume.") from e
+
+
+def _reason(e: Exception) -> str:
+  """A short cause: 'no space left on device' for any form of ENOSPC, else the first line."""
+  text = str(e)
+  if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in text:
+    return "no space left on device"
+  first = text.strip().splitlines()[0] if text.strip() else ""
+  return f"{type(e).__name__}: {first[:200]}"
+
+
+def _warn(text: str) -> None:
+  if jax.process_index() == 0:
+    print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
+def check_writable(*directories) -> None:
+  """Raises UserError unless a file can be created in each existing directory (before training)."""
+  for d in directories:
+    if not os.path.isdir(d):
+      continue
+    probe = os.path.join(d, f".write_probe_{os.getpid()}")
+    try:
+      with open(probe, "w"):
+        pass
+      os.remove(probe)
+    except OSError as e:
+      raise UserError(f"'{d}' is not writable ({e.strerror}); checkpoints and metrics could not be saved. "
+                      f"Fix its permissions or choose another --workdir.") from None
 
 
 def abstract_like(tree, shardings):
@@ -82,10 +215,7 @@ def _checkpoint_params(spec: str) -> dict:
   if step is None or step not in source.manager.all_steps():
     raise UserError(f"init_from='{spec}': no such checkpoint in {directory} "
                     f"(steps: {sorted(source.manager.all_steps()) or 'none'}).")
-  meta = source.manager.item_metadata(step)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
-  saved = jax.device_get(source.manager.restore(step, args=ocp.args.StandardRestore(abstract)))
+  saved = source.restore_host(step)
   source.close()
   return {param_path(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(saved["params"])[0]}
 

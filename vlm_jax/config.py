@@ -17,6 +17,7 @@ import ml_collections
 from vlm_jax.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
+NAN_POLICIES = ("skip", "stop")
 REQUIRED = ("task", "total_steps", "batch_size", "model", "input", "optimizer")
 
 
@@ -32,6 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.grad_accum_steps = 1  # microbatches per step (lax.scan inside the jitted step); batch_size stays global
   c.peak_tflops = 0.0  # per-device peak for MFU; 0: bf16 table for TPU/GPU, measured matmul peak on CPU
+  c.nan_policy = "skip"  # non-finite loss or gradient norm: "skip" the update, or "stop" the run
   c.data_dir = os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
   c.mesh = "data=-1,fsdp=1,tensor=1"
   c.init_from = ""  # another workdir (or workdir:STEP) whose params initialise this run
@@ -149,12 +151,15 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       raise UserError(f"config: required key '{key}' is missing or empty; set it in the recipe or with --config.{key}=...")
   if cfg.task not in tasks.TASKS:
     raise UserError(f"config: unknown task '{cfg.task}'.{nearest(cfg.task, tasks.TASKS)} Known tasks: {', '.join(sorted(tasks.TASKS))}.")
-  for key in ("total_steps", "batch_size", "log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
+  for key in ("total_steps", "batch_size", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
+              "keep_checkpoints"):
     if not isinstance(cfg[key], int) or cfg[key] <= 0:
       raise UserError(f"config: '{key}' must be a positive integer, got {cfg[key]!r}.")
   accum = cfg.get("grad_accum_steps", 1)  # absent from configs written before it existed
   if not isinstance(accum, int) or accum <= 0:
     raise UserError(f"config: 'grad_accum_steps' must be a positive integer, got {accum!r}.")
+  if cfg.get("nan_policy") not in NAN_POLICIES:
+    raise UserError(f"config: nan_policy must be one of {', '.join(NAN_POLICIES)}, got {cfg.get('nan_policy')!r}.")
   parse_mesh(cfg.mesh)
   for group, key in (("input", "image_size"), ("evals", "batch_size")):
     value = cfg[group].get(key)

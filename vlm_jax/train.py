@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
-from vlm_jax import checkpoint, config as config_lib, flops, optim, parallel, tasks
+from vlm_jax import checkpoint, config as config_lib, flops, optim, parallel, preemption, tasks
 from vlm_jax import logging as vlog
 from vlm_jax.data import pipeline, sources
 from vlm_jax.errors import UserError, run_cli
@@ -150,7 +150,7 @@ def accumulated_grads(loss_fn, steps: int, mesh):
 
 
 def make_train_step(s: Setup):
-  task, tx, schedule = s.task, s.tx, s.schedule
+  task, tx, schedule, nan_policy = s.task, s.tx, s.schedule, s.cfg.nan_policy
   grad_fn = accumulated_grads(task.loss_fn, s.cfg.get("grad_accum_steps", 1), s.mesh)
 
   def train_step(state: TrainState, batch):
@@ -160,19 +160,31 @@ def make_train_step(s: Setup):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {**metrics, "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return drop_nonfinite(state, new, metrics, nan_policy)
 
   replicated = NamedSharding(s.mesh, P())
   return jax.jit(train_step, in_shardings=(s.state_sharding, parallel.batch_sharding(s.mesh)),
                  out_shardings=(s.state_sharding, replicated), donate_argnums=(0,))
 
 
+def drop_nonfinite(old: TrainState, new: TrainState, metrics: dict, policy: str):
+  """NaN guard: a step whose loss or gradient norm is not finite keeps the old params and
+  optimizer state, and reports `nonfinite` = 1. Under `skip` the step still advances (its batch
+  is consumed, not retried); under `stop` it does not, so the state is the last good one."""
+  ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+  kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+  if policy == "skip":
+    kept = kept.replace(step=new.step)
+  return kept, {**metrics, "nonfinite": 1 - ok.astype(jnp.int32)}
+
+
 def restore_or_init(s: Setup, ckpt: checkpoint.Checkpointer):
-  step = ckpt.latest_step()
   with s.context():
+    state, step = ckpt.restore_latest(s.abstract_state)
     if step is None:
       return s.init_state(jax.random.PRNGKey(s.cfg.seed)), False
-    return ckpt.restore(step, s.abstract_state), True
+    return state, True
 
 
 def evaluate(s: Setup, params, step: int, workdir: str = None) -> dict:
@@ -218,19 +230,28 @@ def _draw(s: Setup, batch, preds, path):
 
 
 def _trim_metrics(workdir: str, last_step: int) -> None:
-  """Drops metrics logged after `last_step` (they are recomputed identically on resume)."""
+  """Drops metrics logged after `last_step` (they are recomputed identically on resume), and a
+  last line cut short by a killed run."""
   path = os.path.join(workdir, "metrics.jsonl")
-  rows = vlog.read_metrics(workdir)
-  keep = [r for r in rows if r["step"] <= last_step]
-  if len(keep) != len(rows):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in keep)
-    os.replace(tmp, path)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    text = f.read()
+  lines = text.splitlines()
+  if lines and not text.endswith("\n"):
+    lines.pop()  # cut short by a kill; its step is recomputed
+  keep = "".join(x + "\n" for x in lines if x.strip() and json.loads(x)["step"] <= last_step)
+  if keep != text:
+    with open(path + ".tmp", "w") as f:
+      f.write(keep)
+    os.replace(path + ".tmp", path)
 
 
-def train(cfg, workdir: str) -> dict:
-  """Trains (or resumes) `cfg` in `workdir`; returns the last evaluation metrics."""
+def train(cfg, workdir: str, stop: preemption.StopSignal = None) -> dict:
+  """Trains (or resumes) `cfg` in `workdir`; returns the last evaluation metrics.
+
+  With `stop` (the CLI passes one), a SIGTERM/SIGINT ends the run after the current step with
+  a committed checkpoint. A non-finite loss is skipped or stops the run (`nan_policy`)."""
   parallel.initialize_distributed(cfg)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   lead = jax.process_index() == 0
@@ -238,6 +259,7 @@ def train(cfg, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
     raise UserError(f"cannot create workdir '{workdir}': {e.strerror}. Choose a writable --workdir.") from None
+  checkpoint.check_writable(workdir, os.path.join(workdir, "checkpoints"))
   s = build(cfg)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
   tok = getattr(s.task, "tokenizer", None)
@@ -258,8 +280,7 @@ def train(cfg, workdir: str) -> dict:
       json.dump(dataclasses.asdict(s.data_info), f, indent=2)
     if getattr(s.task, "tokenizer", None) is not None:  # a checkpoint travels with its tokenizer
       s.task.tokenizer.save(os.path.join(workdir, "tokenizer.json"))
-    if resumed:
-      _trim_metrics(workdir, start)
+    _trim_metrics(workdir, start)  # lines past the checkpoint (or all, without one) are recomputed
   writer = vlog.MetricsWriter(workdir, enabled=lead)
   if resumed:
     print(f"Resuming from {ckpt.directory}/{start}", flush=True)
@@ -277,13 +298,20 @@ def train(cfg, workdir: str) -> dict:
   example = s.task.dummy_batch(1)
   cost = (flops.train_flops(s.task.model, example), flops.tokens_per_example(example), jax.device_count(),
           flops.peak_flops_per_device(cfg.get("peak_tflops", 0.0)))
-  last_eval, t0, n0 = {}, time.perf_counter(), start
+  last_eval, t0, n0, skipped = {}, time.perf_counter(), start, 0
   for step in range(start + 1, cfg.total_steps + 1):
     with s.context():
       state, metrics = train_step(state, parallel.shard_batch(next(batches), s.mesh))
+    skipped = skipped + metrics.pop("nonfinite")  # stays on device: no sync per step
+    if cfg.nan_policy == "stop" and int(skipped):
+      ckpt.save_now(step - 1, state)  # the update was dropped: `state` is the last good one
+      raise UserError(f"step {step}: the loss or gradient norm is not finite (nan_policy='stop'); "
+                      f"the last good state is saved as {ckpt.directory}/{step - 1}. Check the input "
+                      f"data or lower optimizer.learning_rate; --config.nan_policy=skip drops such updates.")
     progress.update(1)
     if step % cfg.log_every_steps == 0 or step == cfg.total_steps:
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      metrics["skipped_steps"], skipped = int(skipped), 0  # updates dropped since the last line
       dt = time.perf_counter() - t0
       metrics["images_per_s"] = (step - n0) * cfg.batch_size / max(dt, 1e-9)
       metrics.update(flops.throughput(metrics["images_per_s"], *cost))
@@ -300,6 +328,11 @@ def train(cfg, workdir: str) -> dict:
       t0 = time.perf_counter()  # evaluation time is not training throughput
     if step % cfg.checkpoint_every_steps == 0 or step == cfg.total_steps:
       ckpt.save(step, state)
+    if stop is not None and step < cfg.total_steps and stop.requested(step):
+      ckpt.save_now(step, state)
+      print(f"Stopped by {stop.received} after step {step}: checkpoint {ckpt.directory}/{step} is saved; "
+            f"run the same command to resume.", flush=True)
+      break
   progress.close()
   ckpt.close()
   writer.close()
@@ -317,8 +350,9 @@ def main(argv=None):
   flags.mark_flags_as_required(["config", "workdir"])
 
   def run():
-    config_lib.parse_argv(FLAGS, argv)
-    train(FLAGS.config, FLAGS.workdir)
+    with preemption.StopSignal() as stop:
+      config_lib.parse_argv(FLAGS, argv)
+      train(FLAGS.config, FLAGS.workdir, stop)
   sys.exit(run_cli(run, argv))
 
 
