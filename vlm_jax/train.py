@@ -315,8 +315,8 @@ def train(cfg, workdir: str, stop: preemption.StopSignal = None) -> dict:
       dt = time.perf_counter() - t0
       metrics["images_per_s"] = (step - n0) * cfg.batch_size / max(dt, 1e-9)
       metrics.update(flops.throughput(metrics["images_per_s"], *cost))
-      if cfg.input.text:  # this process's texts cut to input.max_len since it started
-        metrics["texts_truncated"] = text_stats.truncated
+      if cfg.input.text:  # this process's texts cut to input.max_len since the last line
+        metrics["texts_truncated"], text_stats.truncated = text_stats.truncated, 0
       t0, n0 = time.perf_counter(), step
       writer.write(step, {f"train/{k}": v for k, v in metrics.items()})
       progress.update(0, loss=metrics["loss"], img_s=round(metrics["images_per_s"], 1),

@@ -128,7 +128,7 @@ class TextStats:
     if self.truncated and not self.warned:
       self.warned = True
       print(f"warning: texts longer than input.max_len={max_len} tokens are truncated "
-            f"({self.truncated} of {self.seen} so far; logged as train/texts_truncated). "
+            f"({self.truncated} of {self.seen} so far; counted in train/texts_truncated). "
             f"Raise --config.input.max_len to keep them whole.", flush=True)
 
 
