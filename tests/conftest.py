@@ -1,9 +1,19 @@
-"""Test setup: 8 simulated CPU devices for sharding tests, one tiny shapes dataset per session."""
+"""Test setup: 8 simulated CPU devices for sharding tests, one tiny shapes dataset per session, and
+one persistent XLA compilation cache per session, shared with the CLI subprocesses the tests start
+(the tiny models recur across tests; compiling each once keeps the suite within its time budget)."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
-import jax
+_XLA_CACHE = tempfile.mkdtemp(prefix="vlm_jax_test_xla_cache_")
+atexit.register(shutil.rmtree, _XLA_CACHE, True)
+os.environ.update(JAX_COMPILATION_CACHE_DIR=_XLA_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

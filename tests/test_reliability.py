@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from conftest import REPO
 from etils import epath
-from jax.experimental.compilation_cache import compilation_cache
 
 from vlm_jax import checkpoint, config, train
 from vlm_jax import logging as vlog
@@ -23,20 +22,6 @@ from vlm_jax.errors import UserError
 
 
 STEPS = 3
-
-
-@pytest.fixture(scope="module", autouse=True)
-def xla_cache(tmp_path_factory):
-  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-          "jax_persistent_cache_min_entry_size_bytes")
-  old = {k: getattr(jax.config, k) for k in keys}
-  for k, v in zip(keys, (str(tmp_path_factory.mktemp("xla_cache")), 0, 0)):
-    jax.config.update(k, v)
-  compilation_cache.reset_cache()
-  yield
-  for k, v in old.items():
-    jax.config.update(k, v)
-  compilation_cache.reset_cache()
 
 
 def _short(cfg, steps=STEPS, keep=3):

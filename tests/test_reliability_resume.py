@@ -5,6 +5,8 @@ The trial machinery is tools/kill_resume.py (which runs 20+ trials for RELIABILI
 two short trials keep the cost to six subprocesses sharing one compilation cache.
 """
 
+import os
+
 import numpy as np
 import pytest
 
@@ -14,7 +16,7 @@ from tools import kill_resume
 @pytest.fixture(scope="module")
 def harness(data_dir, tmp_path_factory):
   root = str(tmp_path_factory.mktemp("kill_resume"))
-  cache = str(tmp_path_factory.mktemp("xla_cache"))
+  cache = os.environ["JAX_COMPILATION_CACHE_DIR"]  # the session's (tests/conftest.py)
   reference = kill_resume.reference_run(root, data_dir, cache)
   return root, data_dir, cache, reference
 
