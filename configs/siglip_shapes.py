@@ -19,24 +19,24 @@ from vlm_jax.config import base_config
 def get_config(arg: str = ""):
   c = base_config()
   c.task = "contrastive"
-  c.total_steps = 1500
-  c.batch_size = 128
+  c.total_steps = 1200
+  c.batch_size = 256
   c.log_every_steps = 50
-  c.eval_every_steps = 500
-  c.checkpoint_every_steps = 250
+  c.eval_every_steps = 300
+  c.checkpoint_every_steps = 300
 
   c.input.data = "shapes"
   c.input.text = "caption"
   c.input.image_size = 64
   c.input.flip = False  # captions say "left" and "right"
-  c.input.max_len = 32
+  c.input.max_len = 28  # the longest shapes caption is 26 tokens with BOS and EOS
   c.input.vocab_size = 1000
   c.input.shuffle_buffer_size = 20_000
 
   c.model.loss = "sigmoid"
   c.model.dtype = "float32"
   c.model.param_dtype = "float32"
-  c.model.image = ConfigDict(dict(patch_size=8, width=128, depth=4, num_heads=4, mlp_dim=256, pool="map",
+  c.model.image = ConfigDict(dict(patch_size=16, width=128, depth=4, num_heads=4, mlp_dim=256, pool="map",
                                   ln_eps=1e-6, gelu_approximate=True, scan_layers=False, remat="none"))
   c.model.text = ConfigDict(dict(width=128, depth=2, num_heads=4, mlp_dim=256, causal=False, pool="last_position",
                                  ln_eps=1e-6, gelu_approximate=True, scan_layers=False, remat="none"))
@@ -49,8 +49,8 @@ def get_config(arg: str = ""):
   c.model.text_init = ""  # a Hugging Face BERT directory or package:NAME (see configs/lit_shapes.py)
   c.model.image_init = ""  # WORKDIR[:STEP] of a ViT classification run, loaded into img/
 
-  c.optimizer.learning_rate = 1e-3
-  c.optimizer.warmup_steps = 200
+  c.optimizer.learning_rate = 2e-3
+  c.optimizer.warmup_steps = 100
   c.optimizer.weight_decay = 1e-4
 
   c.evals.splits = "validation,test"
@@ -62,7 +62,7 @@ def get_config(arg: str = ""):
     c.input.image_size = 32
     c.total_steps, c.batch_size = 20, 32
     c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 5, 10, 10
-    c.model.image.update(dict(width=32, depth=1, num_heads=2, mlp_dim=64, scan_layers=True))
+    c.model.image.update(dict(patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64, scan_layers=True))
     c.model.text.update(dict(width=48, depth=1, num_heads=2, mlp_dim=64, scan_layers=True))
     c.evals.batch_size, c.evals.pictures = 64, 8
   elif arg:

@@ -114,17 +114,21 @@ class TwoTower(nn.Module):
       self.logit_bias = self.param("logit_bias", logical(nn.initializers.constant(self.logit_bias_init), ()),
                                    (), jnp.float32)
 
-  def encode_image(self, images, train: bool = False):
-    pooled, _ = self.img(images, train=train)
+  def encode_image(self, images, train: bool = False, locked: bool = False):
+    """`locked`: the tower runs in eval mode and passes no gradient (LiT); its head still trains."""
+    pooled, _ = self.img(images, train=train and not locked)
+    pooled = jax.lax.stop_gradient(pooled) if locked else pooled
     return l2_normalize(self.img_proj(pooled) if self.img_proj is not None else pooled)
 
-  def encode_text(self, tokens, train: bool = False):
-    pooled, _ = self.txt(tokens, deterministic=not train)
+  def encode_text(self, tokens, train: bool = False, locked: bool = False):
+    pooled, _ = self.txt(tokens, deterministic=not train or locked)
+    pooled = jax.lax.stop_gradient(pooled) if locked else pooled
     return l2_normalize(self.txt_proj(pooled) if self.txt_proj is not None else pooled)
 
   def temperature(self):
     """(logit_scale, logit_bias): logits = cos * exp(logit_scale) + logit_bias (bias 0 without one)."""
     return self.logit_scale, (self.logit_bias if self.logit_bias is not None else jnp.zeros((), jnp.float32))
 
-  def __call__(self, images, tokens, train: bool = False):
-    return self.encode_image(images, train), self.encode_text(tokens, train)
+  def __call__(self, images, tokens, train: bool = False, locked: tuple = ()):
+    """`locked` names towers ("img", "txt") that are frozen: see `encode_image`."""
+    return self.encode_image(images, train, "img" in locked), self.encode_text(tokens, train, "txt" in locked)

@@ -21,6 +21,7 @@ see `retrieval_metrics` and `Task.predict_fn` for how matches and zero-shot prom
 """
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -189,12 +190,24 @@ class Task:
   def _temperature(self, params):
     return self.model.apply({"params": params}, method=TwoTower.temperature)
 
+  def _locked(self, params) -> tuple:
+    """Towers every parameter of which `optimizer.freeze` matches: run without backward pass."""
+    freeze = self.cfg.optimizer.get("freeze", "")
+    if not freeze:
+      return ()
+    rx = re.compile(freeze)
+    return tuple(t for t in ("img", "txt") if all(
+        rx.search(f"{t}/{param_path(p)}") for p, _ in jax.tree_util.tree_flatten_with_path(params[t])[0]))
+
   def loss_fn(self, params, batch, rng):
     zimg, ztxt = self.model.apply({"params": params}, batch["image"], batch["tokens"], train=True,
-                                  rngs={"dropout": rng})
+                                  locked=self._locked(params), rngs={"dropout": rng})
     scale, bias = self._temperature(params)
     loss = sharded_loss(self.loss_kind, zimg, ztxt, scale, bias)
-    return loss, {"loss": loss, "logit_scale": scale, "logit_bias": bias}
+    metrics = {"loss": loss, "logit_scale": scale}
+    if self.loss_kind == "sigmoid":
+      metrics["logit_bias"] = bias
+    return loss, metrics
 
   def eval_fn(self, params, batch):
     return {"count": batch["_mask"].sum()}
