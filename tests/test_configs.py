@@ -67,3 +67,27 @@ def test_cappa_b16_coco_one_fsdp_step_at_tiny_size(tmp_path):
   assert int(state.step) == 1 and np.isfinite(float(metrics["loss"]))
   emb = state.params["txt"]["token_embed"]["embedding"]
   assert emb.shape == (tok.vocab_size, 32)
+
+def test_siglip_b16_coco_one_fsdp_step_at_tiny_size(tmp_path):
+  from vlm_jax.data.tokenizer import train_tokenizer
+
+  cfg = config.load(os.path.join(REPO, "configs/siglip_b16_coco.py"))
+  assert cfg.model.dtype == "bfloat16" and cfg.mesh.startswith("data=1,fsdp=-1") and cfg.model.image.pool == "map"
+  cfg.model.image.update(dict(width=32, depth=2, num_heads=2, mlp_dim=64))
+  cfg.model.text.update(dict(width=48, depth=2, num_heads=2, mlp_dim=64))
+  cfg.input.image_size, cfg.input.max_len, cfg.batch_size = 32, 16, 16
+  # coco_captions cannot be prepared here: its tokenizer comes from a file instead.
+  cfg.input.tokenizer = train_tokenizer(["a man riding a horse", "two cats on a sofa"], 100).save(str(tmp_path))
+  info = DataInfo("coco_captions", 0, None, {"train": 82783, "test": 5000}, ("image", "captions"))
+  s = train.build(cfg, data_info=info, devices=jax.devices()[:8])
+  step = train.make_train_step(s)
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.normal(size=(16, 32, 32, 3)).astype(np.float32),
+           "tokens": rng.integers(1, 50, (16, 16)).astype(np.int32)}
+  with s.context():
+    state = s.init_state(jax.random.PRNGKey(0))
+    state, metrics = step(state, parallel.shard_batch(batch, s.mesh))
+  # Random towers: cosines ~0, so each positive pair costs -log sigmoid(-10) ~ 10 and negatives ~0.
+  assert int(state.step) == 1 and abs(float(metrics["loss"]) - 10.0) < 0.5
+  fc1 = state.params["img"]["encoder"]["layers"]["mlp"]["fc1"]["kernel"]
+  assert fc1.shape == (2, 32, 64) and fc1.addressable_shards[0].data.shape == (2, 4, 64)

@@ -11,6 +11,10 @@ Subcommands (each prints a table and ends with one JSON line of the same figures
   input            input-pipeline images/s vs the train step's images/s for a recipe.
   decode           greedy decoding tokens/s with and without the KV cache, at several batch sizes and
                    generation lengths, on a randomly initialised captioner of the given shape.
+  siglip-loss      loss + gradient of the SigLIP (or CLIP) loss over a global batch sharded across
+                   N simulated CPU devices: the ring (`tasks.contrastive.sharded_loss`) vs the naive
+                   loss on the all-gathered embeddings; compiled per-device temporary memory and
+                   time per call at growing global batch.
 
 Fairness: `--threads N` pins this process to N cores (sched_setaffinity, which also sizes XLA's CPU
 thread pool) and sets torch.set_num_threads(N); the default is every core the process may use.
@@ -24,6 +28,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if "siglip-loss" in sys.argv:  # simulated devices must be set before jax starts
+  _n = sys.argv[sys.argv.index("--devices") + 1] if "--devices" in sys.argv else "8"
+  os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_n}"
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -319,6 +326,40 @@ def _train_args(p):
   p.add_argument("--peak-tflops", type=float, default=0.0, help="per-device peak for MFU (0: table / measured)")
 
 
+def bench_siglip_loss(a):
+  import numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from vlm_jax import parallel
+  from vlm_jax.tasks import contrastive
+
+  mesh = parallel.make_mesh(f"data={a.devices},fsdp=1,tensor=1", jax.devices()[:a.devices])
+  naive = {"sigmoid": contrastive.sigmoid_loss, "softmax": contrastive.softmax_loss}[a.loss]
+  fns = {"ring": lambda *x: contrastive.sharded_loss(a.loss, *x), "all-gather": naive}
+  rows = []
+  for batch in a.batches:
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(2, batch, a.dim)).astype(np.float32)
+    z /= np.linalg.norm(z, axis=-1, keepdims=True)
+    row = dict(batch=batch, local_batch=batch // a.devices)
+    with jax.set_mesh(mesh):
+      shard = NamedSharding(mesh, P(parallel.BATCH_AXES))
+      zi, zt = jax.device_put(z[0], shard), jax.device_put(z[1], shard)
+      scale, bias = jnp.float32(np.log(10.0)), jnp.float32(-10.0)
+      for name, fn in fns.items():
+        step = jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2, 3)))
+        mem = step.lower(zi, zt, scale, bias).compile().memory_analysis().temp_size_in_bytes
+        row[f"{name}_temp_mib"] = mem / 2**20
+        row[f"{name}_ms"] = 1e3 * _time(lambda: step(zi, zt, scale, bias), a.repeats)
+    rows.append(row)
+  print(f"{'global B':>8} {'local b':>7} {'ring MiB':>9} {'all-gather MiB':>15} {'ring ms':>8} {'all-gather ms':>14}")
+  for r in rows:
+    print(f"{r['batch']:>8} {r['local_batch']:>7} {r['ring_temp_mib']:>9.2f} {r['all-gather_temp_mib']:>15.2f} "
+          f"{r['ring_ms']:>8.1f} {r['all-gather_ms']:>14.1f}")
+  return {"benchmark": "siglip-loss", "loss": a.loss, "devices": a.devices, "dim": a.dim,
+          "device": jax.devices()[0].device_kind, "rows": rows}
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--threads", type=int, default=0, help="pin to this many cores, torch threads too (0: all)")
@@ -349,6 +390,12 @@ def main(argv=None):
   d.add_argument("--batches", type=int, nargs="+", default=[1, 32])
   d.add_argument("--lengths", type=int, nargs="+", default=[16, 64])
   d.add_argument("--repeats", type=int, default=3)
+  c = sub.add_parser("siglip-loss", help="ring-sharded vs all-gather contrastive loss: memory and time")
+  c.add_argument("--loss", choices=["sigmoid", "softmax"], default="sigmoid")
+  c.add_argument("--devices", type=int, default=8, help="simulated CPU devices on the data axis")
+  c.add_argument("--dim", type=int, default=128, help="embedding width")
+  c.add_argument("--batches", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+  c.add_argument("--repeats", type=int, default=3)
   a = p.parse_args(argv)
   if a.threads:  # before the first JAX computation creates the CPU client and its thread pool
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:a.threads])
@@ -359,7 +406,7 @@ def main(argv=None):
   except ImportError:
     pass
   bench = {"train-vit": bench_train_vit, "train-captioner": bench_train_captioner, "compile": bench_compile,
-           "input": bench_input, "decode": bench_decode}[a.cmd]
+           "input": bench_input, "decode": bench_decode, "siglip-loss": bench_siglip_loss}[a.cmd]
   result = bench(a)
   line = json.dumps(result)
   if a.json:

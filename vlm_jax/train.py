@@ -272,6 +272,11 @@ def train(cfg, workdir: str, stop: preemption.StopSignal = None) -> dict:
                                               cfg.init_prefix)
     state = state.replace(params=jax.device_put(params, s.state_sharding.params))
     print(f"Initialised {len(copied)} parameters from {cfg.init_from}", flush=True)
+  if not resumed and hasattr(s.task, "load_pretrained"):
+    params, copied = s.task.load_pretrained(jax.device_get(state.params))
+    if copied:
+      state = state.replace(params=jax.device_put(params, s.state_sharding.params))
+      print(f"Initialised {len(copied)} parameters from the pretrained towers", flush=True)
   start = int(jax.device_get(state.step))
   if lead:
     with open(os.path.join(workdir, "config.json"), "w") as f:

@@ -150,3 +150,18 @@ def test_text_encoder_causal_vs_bidirectional():
   assert float(jnp.abs(c[:, :3] - d[:, :3]).max()) > 1e-4
   with pytest.raises(ValueError, match="pool"):
     _text_encoder("max").init(jax.random.PRNGKey(0), tokens)
+
+
+def test_text_encoder_last_position_and_bert_layout():
+  tokens = jnp.array([[5, 6, 7, 0, 0], [9, 10, 11, 12, 13]])
+  m = _text_encoder("last_position")
+  v = nn.meta.unbox(jax.jit(m.init)(jax.random.PRNGKey(0), tokens))
+  pooled, x = jax.jit(m.apply)(v, tokens)
+  np.testing.assert_allclose(pooled, x[:, -1], atol=0)  # SigLIP: the last position, pad or not
+  bert = TextEncoder(**KW, layout="bert", pool="first")
+  params = nn.meta.unbox(jax.jit(bert.init)(jax.random.PRNGKey(0), tokens))["params"]
+  # BERT extras sit beside the default names; no final LayerNorm (post-LN blocks end normalised).
+  assert {"embed_norm", "type_embedding"} <= set(params) and "norm" not in params
+  assert params["type_embedding"].shape == (2, 32) and set(params) - {"embed_norm", "type_embedding"} <= set(v["params"])
+  pooled, x = jax.jit(bert.apply)({"params": params}, tokens)
+  np.testing.assert_allclose(np.asarray(x).mean(-1), 0.0, atol=1e-5)  # every position leaves a LayerNorm

@@ -180,12 +180,15 @@ class EncoderBlock(nn.Module):
   """Pre-LN transformer block: x + Attn(LN(x)), then x + Mlp(LN(x)); `mask` [B, 1|H, T, T] optional.
 
   Shared by the ViT encoder and the text encoder (same parameter names: ln1, attn, ln2, mlp).
+  `post_ln=True` is the BERT order instead: LN(x + Attn(x)), then LN(x + Mlp(x)), with ln1/ln2
+  normalising after the attention / MLP residual.
   """
   num_heads: int
   mlp_dim: int
   dropout: float = 0.0
   ln_eps: float = 1e-6
   gelu_approximate: bool = False
+  post_ln: bool = False
   deterministic: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -195,11 +198,14 @@ class EncoderBlock(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     drop = lambda y: nn.Dropout(self.dropout)(y, self.deterministic)
     x = constrain(x, BTD)
-    y = layer_norm(self.ln_eps, name="ln1", **kw)(x)
-    y = MultiHeadAttention(self.num_heads, name="attn", **kw)(y, mask=mask, deterministic=self.deterministic)
-    x = x + drop(y)
-    y = layer_norm(self.ln_eps, name="ln2", **kw)(x)
-    y = Mlp(self.mlp_dim, dropout=self.dropout, gelu_approximate=self.gelu_approximate, name="mlp", **kw)(
-        y, self.deterministic)
-    x = x + drop(y)
+    ln1 = layer_norm(self.ln_eps, name="ln1", **kw)
+    ln2 = layer_norm(self.ln_eps, name="ln2", **kw)
+    attn = MultiHeadAttention(self.num_heads, name="attn", **kw)
+    mlp = Mlp(self.mlp_dim, dropout=self.dropout, gelu_approximate=self.gelu_approximate, name="mlp", **kw)
+    if self.post_ln:
+      x = ln1(x + drop(attn(x, mask=mask, deterministic=self.deterministic)))
+      x = ln2(x + drop(mlp(x, self.deterministic)))
+      return constrain(x, BTD), None
+    x = x + drop(attn(ln1(x), mask=mask, deterministic=self.deterministic))
+    x = x + drop(mlp(ln2(x), self.deterministic))
     return constrain(x, BTD), None

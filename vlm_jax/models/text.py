@@ -11,7 +11,11 @@ position embedding is read at the cached position.
 
 `TextEncoder` is the text tower of a two-tower model: token + position embeddings, pre-LN blocks
 (bidirectional with a padding mask, or causal), final LayerNorm, pooled at the last non-pad
-token, the first token, or the mean of the non-pad tokens.
+token (`last`: the EOS of `[BOS] text [EOS] pad...`, CLIP's pooling), the last position whatever
+it holds (`last_position`: SigLIP's, inputs padded to a fixed length), the first token, or the
+mean of the non-pad tokens. `layout="bert"` is a BERT encoder instead (HF `BertModel`, see
+`vlm_jax.hf.bert`): embeddings plus the type-0 token-type embedding, embedding LayerNorm
+(`embed_norm`), post-LN blocks, no final LayerNorm; the default pre-LN names are unchanged.
 """
 
 from typing import Any
@@ -23,7 +27,8 @@ import jax.numpy as jnp
 from vlm_jax.models.layers import BTD, EncoderBlock, Mlp, MultiHeadAttention, constrain, layer_norm, logical, stack_layers
 
 Dtype = Any
-TEXT_POOLS = ("last", "first", "mean")
+TEXT_POOLS = ("last", "last_position", "first", "mean")
+TEXT_LAYOUTS = ("pre_ln", "bert")
 
 
 def _token_embed(vocab_size, width, dtype, param_dtype):
@@ -158,6 +163,8 @@ class TextEncoder(nn.Module):
   dropout: float = 0.0
   ln_eps: float = 1e-5
   gelu_approximate: bool = True
+  layout: str = "pre_ln"
+  type_vocab_size: int = 2  # layout="bert" only
   scan_layers: bool = True
   remat: str = "none"
   dtype: Dtype = jnp.float32
@@ -167,23 +174,33 @@ class TextEncoder(nn.Module):
   def __call__(self, tokens, *, deterministic: bool = True):
     if self.pool not in TEXT_POOLS:
       raise ValueError(f"pool must be one of {TEXT_POOLS}, got {self.pool!r}")
+    if self.layout not in TEXT_LAYOUTS:
+      raise ValueError(f"layout must be one of {TEXT_LAYOUTS}, got {self.layout!r}")
+    bert = self.layout == "bert"
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     b, t = tokens.shape
     if t > self.max_len:
       raise ValueError(f"{t} tokens do not fit the text encoder's max_len {self.max_len}")
     x = _token_embed(self.vocab_size, self.width, **kw)(tokens)
     x = x + _pos_embed(self, self.max_len, self.width, self.param_dtype)[:t].astype(self.dtype)[None]
+    if bert:  # every token has type 0 (single sentences)
+      types = self.param("type_embedding", logical(nn.initializers.normal(0.02), (None, "embed")),
+                         (self.type_vocab_size, self.width), self.param_dtype)
+      x = layer_norm(self.ln_eps, name="embed_norm", **kw)(x + types[0].astype(self.dtype))
     x = nn.Dropout(self.dropout)(constrain(x, BTD), deterministic)
     valid = tokens != self.pad_id
     mask = valid[:, None, None, :]  # keys: padding is never attended to
     if self.causal:
       mask = jnp.logical_and(mask, jnp.tril(jnp.ones((t, t), bool))[None, None])
     block_kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout, ln_eps=self.ln_eps,
-                    gelu_approximate=self.gelu_approximate, deterministic=deterministic, **kw)
+                    gelu_approximate=self.gelu_approximate, post_ln=bert, deterministic=deterministic, **kw)
     x, _ = stack_layers(EncoderBlock, self.depth, self.scan_layers, self.remat)(block_kw)(x, mask)
-    x = layer_norm(self.ln_eps, name="norm", **kw)(x)
+    if not bert:
+      x = layer_norm(self.ln_eps, name="norm", **kw)(x)
     if self.pool == "first":
       pooled = x[:, 0]
+    elif self.pool == "last_position":
+      pooled = x[:, -1]
     elif self.pool == "last":
       last = jnp.max(jnp.where(valid, jnp.arange(t)[None], 0), axis=1)
       pooled = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]

@@ -2,7 +2,8 @@
 
 Layout follows ViT/big_vision and maps one-to-one onto Hugging Face ViT / SigLIP vision models:
 conv patch embedding [p, p, C, D], learned position embedding over the patch grid (plus a
-class-token row first when `pool == "cls"`), pre-LN blocks, final LayerNorm, then pooling.
+class-token row first when `pool == "cls"`), optionally a LayerNorm on the embeddings
+(`pre_norm`, CLIP's `pre_layrnorm`), pre-LN blocks, final LayerNorm, then pooling.
 `resize_posemb` interpolates a position embedding to another grid when a checkpoint trained at
 one resolution initialises a model at another.
 """
@@ -77,6 +78,7 @@ class ViT(nn.Module):
   scan_layers: bool = True
   remat: str = "none"
   head_zero_init: bool = True
+  pre_norm: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -97,6 +99,8 @@ class ViT(nn.Module):
     pos = self.param("pos_embedding", logical(nn.initializers.normal(0.02), (None, "length", "embed")),
                      (1, x.shape[1], d), self.param_dtype)
     x = constrain(x + pos.astype(self.dtype), BTD)
+    if self.pre_norm:
+      x = layer_norm(self.ln_eps, name="pre_norm", **kw)(x)
     x = nn.Dropout(self.dropout)(x, not train)
     x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.dropout, self.ln_eps, self.gelu_approximate,
                 self.scan_layers, self.remat, name="encoder", **kw)(x, not train)

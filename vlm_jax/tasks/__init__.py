@@ -10,15 +10,18 @@
   task.collect(batch, preds)      -> host-side records (prediction, references) when `decodes`
   task.summarize(sums, records)   -> dict of metric values named as in the contract
   task.draw(batch, predictions)   -> list of (image, caption) pairs for the example picture
+  task.load_pretrained(params)    -> (params, copied paths): optional, weights the task's config
+                                     names (e.g. a Hugging Face text tower), loaded before step 1
 
 `TASKS` maps a config's `task` name to its module; it is the only registry.
 """
 
-from vlm_jax.tasks import captioning, classification
+from vlm_jax.tasks import captioning, classification, contrastive
 
 TASKS = {
     "classification": classification,
     "captioning": captioning,  # and VQA (input.text = "qa")
+    "contrastive": contrastive,  # CLIP / SigLIP two-tower
 }
 
 
