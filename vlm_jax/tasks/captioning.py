@@ -65,8 +65,8 @@ class Task:
     self.tokenizer = load_tokenizer(cfg)
     if cfg.init_from and re.search(cfg.init_include, "txt/token_embed/embedding"):
       check_same_tokenizer(self.tokenizer, cfg.init_from.split(":")[0],
-                           f"Set --config.input.tokenizer= to that file (or leave it empty), or exclude "
-                           f"the text embedding from --config.init_include.")
+                           "Set --config.input.tokenizer= to that file (or leave it empty), or exclude "
+                           "the text embedding from --config.init_include.")
     self.text_fields = ("caption",) if self.mode == "caption" else ("question", "answer")
     m = cfg.model
     self.masked_pred_prob = float(m.get("masked_pred_prob", 0.0))
