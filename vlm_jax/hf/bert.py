@@ -30,7 +30,8 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 from vlm_jax.data.tokenizer import _write_atomic
 from vlm_jax.errors import UserError
-from vlm_jax.hf.gpt2 import _heads, _ln_from, _np, _stack
+from vlm_jax.hf.gpt2 import _heads, _ln_from, _np
+from vlm_jax.hf.tree import stacked
 
 ACTIVATIONS = {"gelu": False, "gelu_new": True, "gelu_pytorch_tanh": True}  # -> gelu_approximate
 
@@ -118,10 +119,7 @@ def text_encoder_from_bert(state_dict, depth: int, num_heads: int, scan_layers: 
             "type_embedding": _np(sd["embeddings.token_type_embeddings.weight"]),
             "embed_norm": _ln_from(sd, "embeddings.LayerNorm")}
   blocks = [_block(sd, f"encoder.layer.{i}", num_heads) for i in range(depth)]
-  if scan_layers:
-    params["layers"] = _stack(blocks)
-  else:
-    params.update({f"layers_{i}": b for i, b in enumerate(blocks)})
+  params.update(stacked(blocks, scan_layers))
   return params
 
 
