@@ -85,7 +85,7 @@ def final_state(workdir: str) -> dict:
 
 def metric_rows(workdir: str) -> list:
   from vlm_jax import logging as vlog
-  return [{k: v for k, v in r.items() if k != "train/images_per_s"} for r in vlog.read_metrics(workdir)]
+  return vlog.read_metrics(workdir, clock=False)
 
 
 def reference_run(root: str, data_dir: str, cache_dir: str) -> dict:

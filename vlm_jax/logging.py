@@ -43,12 +43,18 @@ def _scalar(v):
   return v.item() if v.size == 1 else v.tolist()
 
 
-def read_metrics(workdir: str) -> list:
+# Wall-clock figures: the only logged values that differ between a resumed and an uninterrupted run.
+CLOCK_METRICS = ("train/images_per_s", "train/tokens_per_s", "train/tflops_per_device", "train/mfu")
+
+
+def read_metrics(workdir: str, clock: bool = True) -> list:
+  """The rows of WORKDIR/metrics.jsonl; `clock=False` drops the wall-clock figures."""
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    rows = [json.loads(line) for line in f if line.strip()]
+  return rows if clock else [{k: v for k, v in r.items() if k not in CLOCK_METRICS} for r in rows]
 
 
 class Progress:
