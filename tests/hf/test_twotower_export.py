@@ -64,8 +64,9 @@ def test_embeddings_and_logits_match(exported):
   if exported.kind == "clip":  # EOS was moved off id 2 (CLIP's legacy pooling) in tokenizer and embedding
     assert exported.hf.config.text_config.eos_token_id == exported.tok.vocab_size - 1
     assert (enc.input_ids == exported.hf.config.text_config.eos_token_id).sum(1).tolist() == [1] * len(TEXTS)
-  else:
+  else:  # padding="max_length" alone pads to the trained length, where SigLIP text is pooled
     np.testing.assert_array_equal(enc.input_ids.numpy(), tokens)
+    np.testing.assert_array_equal(hf_tok(TEXTS, padding="max_length", return_tensors="np").input_ids, tokens)
   with torch.no_grad():
     out = exported.hf(input_ids=enc.input_ids, attention_mask=enc.attention_mask, pixel_values=torch_images(x))
   for name, ours, ref in (("image_embeds", zimg, out.image_embeds), ("text_embeds", ztxt, out.text_embeds),

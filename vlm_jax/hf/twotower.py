@@ -121,12 +121,8 @@ def state_dict(params: dict, kind: str, swap=None, pool_len=None) -> dict:
   return sd
 
 
-def _swapped_tokenizer(tok, a: int, b: int):
-  """The HF fast tokenizer of `tok` with ids `a` and `b` exchanged (vocabulary, specials, template)."""
-  import tokenizers
-  from vlm_jax.data.tokenizer import hf_fast_tokenizer
-  fast = hf_fast_tokenizer(tok)
-  state = json.loads(fast.backend_tokenizer.to_str())
+def _swap_ids(state: dict, a: int, b: int) -> dict:
+  """A tokenizers JSON state with ids `a` and `b` exchanged (vocabulary, added tokens, template)."""
   swap = lambda i: b if i == a else a if i == b else i
   vocab = state["model"].get("vocab")
   if not isinstance(vocab, dict):
@@ -137,24 +133,34 @@ def _swapped_tokenizer(tok, a: int, b: int):
     t["id"] = swap(t["id"])
   for spec in (state.get("post_processor") or {}).get("special_tokens", {}).values():
     spec["ids"] = [swap(i) for i in spec["ids"]]
+  return state
+
+
+def hf_tokenizer(tok, swap=None, max_len=None):
+  """The HF fast tokenizer of `tok`, with the ids of `swap` exchanged and `model_max_length` = max_len."""
+  import tokenizers
   from transformers import PreTrainedTokenizerFast
-  return PreTrainedTokenizerFast(tokenizer_object=tokenizers.Tokenizer.from_str(json.dumps(state)),
+
+  from vlm_jax.data.tokenizer import hf_fast_tokenizer
+  fast = hf_fast_tokenizer(tok)
+  backend = fast.backend_tokenizer
+  if swap:
+    backend = tokenizers.Tokenizer.from_str(json.dumps(_swap_ids(json.loads(backend.to_str()), *swap)))
+  extra = {"model_max_length": max_len} if max_len else {}
+  return PreTrainedTokenizerFast(tokenizer_object=backend, padding_side="right", clean_up_tokenization_spaces=False,
                                  **{k: getattr(fast, k) for k in ("bos_token", "eos_token", "pad_token", "unk_token",
-                                                                  "mask_token", "sep_token")},
-                                 padding_side="right", clean_up_tokenization_spaces=False)
+                                                                  "mask_token", "sep_token")}, **extra)
 
 
-def _text_config(txt: dict, vocab: int, ids: dict) -> dict:
+def _text_config(txt: dict, vocab: int, ids: dict, act: str) -> dict:
   return dict(vocab_size=vocab, hidden_size=txt["width"], intermediate_size=txt["mlp_dim"],
               num_hidden_layers=txt["depth"], num_attention_heads=txt["num_heads"],
-              max_position_embeddings=txt["max_len"], layer_norm_eps=float(txt["ln_eps"]),
-              hidden_act=vit.hf_act(txt["gelu_approximate"]) if ids["kind"] == "siglip"
-              else ("gelu_new" if txt["gelu_approximate"] else "gelu"),
+              max_position_embeddings=txt["max_len"], layer_norm_eps=float(txt["ln_eps"]), hidden_act=act,
               attention_dropout=0.0, pad_token_id=ids["pad"], bos_token_id=ids["bos"], eos_token_id=ids["eos"])
 
 
 def export(run, out: str) -> str:
-  """Writes config.json, model.safetensors and (CLIP: with the EOS id remapped) the tokenizer."""
+  """Writes config.json, model.safetensors and the tokenizer (CLIP: with the EOS id remapped)."""
   from transformers import CLIPConfig, SiglipConfig
 
   from vlm_jax.hf.captioner import _defaults
@@ -165,21 +171,23 @@ def export(run, out: str) -> str:
   img = {**_defaults(ViT), **dict(m.image)}
   txt = {**_defaults(TextEncoder), **dict(m.text)}
   vocab = int(np.shape(run.params["txt"]["token_embed"]["embedding"])[0])
-  ids = {"kind": kind, "pad": tok.pad_id, "bos": tok.bos_id, "eos": tok.eos_id}
+  ids = {"pad": tok.pad_id, "bos": tok.bos_id, "eos": tok.eos_id}
   swap = None
   if kind == "clip" and tok.eos_id == 2:  # CLIPTextModel's legacy argmax pooling: move EOS elsewhere
     swap = (2, vocab - 1)
-    ids = {k: (vocab - 1 if v == 2 else 2 if v == vocab - 1 else v) if k != "kind" else v for k, v in ids.items()}
+    ids = {k: vocab - 1 if i == 2 else 2 if i == vocab - 1 else i for k, i in ids.items()}
   vcfg = vit.vision_config("siglip", image_size=run.cfg.input.image_size, **img)
-  tcfg = _text_config(txt, vocab, ids)
   pool_len = int(run.cfg.input.max_len)
   if kind == "siglip":
+    tcfg = _text_config(txt, vocab, ids, vit.hf_act(txt["gelu_approximate"]))
     tcfg["max_position_embeddings"] = len(siglip_positions(run.params["txt"]["pos_embedding"], pool_len))
     tcfg["projection_size"] = int(np.shape(run.params["txt_proj"]["kernel"])[1])
     config = SiglipConfig(text_config=tcfg, vision_config=vcfg)
   else:
+    clip_act = lambda approximate: "gelu_new" if approximate else "gelu"
+    tcfg = _text_config(txt, vocab, ids, clip_act(txt["gelu_approximate"]))
     vcfg = {k: v for k, v in vcfg.items() if k != "vision_use_head"}
-    vcfg["hidden_act"] = "gelu_new" if img["gelu_approximate"] else "gelu"
+    vcfg["hidden_act"] = clip_act(img["gelu_approximate"])
     config = CLIPConfig(text_config=tcfg, vision_config=vcfg,
                         projection_dim=int(np.shape(run.params["img_proj"]["kernel"])[1]),
                         logit_scale_init_value=float(np.asarray(run.params["logit_scale"])))
@@ -188,25 +196,9 @@ def export(run, out: str) -> str:
   config.architectures = [HF_CLASS[kind]]
   config.save_pretrained(out)
   files.save_weights(out, state_dict(run.params, kind, swap, pool_len))
-  fast = _swapped_tokenizer(tok, *swap) if swap else None
-  if fast is not None:
-    fast.save_pretrained(out)  # export.write skips its own tokenizer for this family (`writes_tokenizer`)
-  else:
-    from vlm_jax.data.tokenizer import hf_fast_tokenizer
-    hf_fast_tokenizer(tok).save_pretrained(out)
-  if kind == "siglip":  # the length the text tower was trained at (it pools at the last position)
-    _set_tokenizer_max_len(out, pool_len)
+  # SigLIP pools at the last position: padding="max_length" alone pads to the trained length.
+  hf_tokenizer(tok, swap, pool_len if kind == "siglip" else None).save_pretrained(out)
   return HF_CLASS[kind]
-
-
-
-def _set_tokenizer_max_len(out: str, n: int) -> None:
-  import os
-  path = os.path.join(out, "tokenizer_config.json")
-  with open(path) as f:
-    cfg = json.load(f)
-  cfg["model_max_length"] = n
-  files.save_json(out, "tokenizer_config.json", cfg)
 
 
 # -- HF -> ours ------------------------------------------------------------------------------------
