@@ -1,11 +1,13 @@
 """python tools/convert_to_hf.py --workdir DIR [--step N] --out HF_DIR [--overwrite] [--encoder_only]
 
 Writes a training run as a Hugging Face folder (safetensors, config.json, preprocessor_config.json,
-and for captioning/VQA runs the tokenizer and generation_config.json) that
+and for runs with text the tokenizer and generation_config.json) that
 `transformers` loads offline with `from_pretrained(HF_DIR)`:
   classification, pool 'cls'   -> ViTForImageClassification (ViTModel with --encoder_only)
   classification, pool 'gap'   -> SiglipForImageClassification (SiglipVisionModel with --encoder_only)
   captioning / VQA             -> VisionEncoderDecoderModel (ViT or SigLIP encoder + GPT-2 decoder)
+  contrastive                  -> SiglipModel (siglip_shapes layout) or CLIPModel (clip_shapes layout),
+                                  with tokenizer: pipeline("zero-shot-image-classification") works
 The mapping lives in vlm_jax/hf/ (one module per model family).
 """
 

@@ -4,8 +4,8 @@
 module has `export(run, out) -> HF class name`, writing config.json, model.safetensors and any
 model-specific file (generation_config.json) into `out`. Common files are written here: the image
 processor (`preprocessor_config.json`, our evaluation preprocessing) and, for runs with text, the
-tokenizer (the workdir's tokenizer.json wrapped as `PreTrainedTokenizerFast`). A two-tower family
-plugs in as `FAMILIES["contrastive"] = <module>`.
+tokenizer (the workdir's tokenizer.json wrapped as `PreTrainedTokenizerFast`), unless the family
+module sets `writes_tokenizer` (the two-tower family remaps an id for CLIP).
 
 Everything is written into a temporary folder next to `out` and moved into place at the end, so a
 failed export leaves `out` as it was. Only process 0 writes (every process restores its shards).
@@ -23,11 +23,12 @@ from jax.experimental import multihost_utils
 from vlm_jax.data.tokenizer import hf_fast_tokenizer
 from vlm_jax.errors import UserError
 from vlm_jax.evaluate import load_run_config, restore_run
-from vlm_jax.hf import captioner, files, vit
+from vlm_jax.hf import captioner, files, twotower, vit
 
 FAMILIES = {
     "classification": vit,
     "captioning": captioner,  # and VQA
+    "contrastive": twotower,
 }
 
 
@@ -55,10 +56,11 @@ def load_run(workdir: str, step=None, encoder_only: bool = False) -> tuple:
 
 def write(run: Run, out: str) -> str:
   """Writes the HF folder for `run` into the (empty or new) folder `out`; returns the HF class name."""
-  name = FAMILIES[run.cfg.task].export(run, out)
+  family = FAMILIES[run.cfg.task]
+  name = family.export(run, out)
   files.save_json(out, "preprocessor_config.json", files.image_processor_config(run.cfg.input))
   tok = getattr(run.task, "tokenizer", None)
-  if tok is not None and not run.encoder_only:
+  if tok is not None and not run.encoder_only and not getattr(family, "writes_tokenizer", False):
     hf_fast_tokenizer(tok).save_pretrained(out)
   return name
 

@@ -21,7 +21,7 @@ PIL_BILINEAR = 2  # PIL.Image.Resampling.BILINEAR, HF's `resample` code
 def save_weights(out: str, state_dict: dict) -> str:
   from safetensors.numpy import save_file
   path = os.path.join(out, WEIGHTS)
-  save_file({k: np.ascontiguousarray(v, np.float32) for k, v in state_dict.items()}, path,
+  save_file({k: np.array(v, np.float32, order="C") for k, v in state_dict.items()}, path,  # 0-d stays 0-d
             metadata={"format": "pt"})
   return path
 

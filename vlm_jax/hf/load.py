@@ -6,6 +6,7 @@ here, by the folder's `model_type`:
   siglip_vision_model      SiglipVisionModel
   siglip                   SiglipForImageClassification (the vision tower of a SigLIP config)
   vision-encoder-decoder   our exported captioner (ViT or SigLIP encoder, GPT-2 decoder)
+  siglip / clip            SiglipModel / CLIPModel into a two-tower model (`vlm_jax.hf.twotower`)
 The result has our parameter names and is shaped by the target (scanned or unrolled layers, class
 token or not); `checkpoint.load_params` then copies it by `init_include`, resizing position
 embeddings to the target resolution. Sizes that decide the architecture (width, depth, heads, MLP,
@@ -17,7 +18,7 @@ import sys
 import numpy as np
 
 from vlm_jax.errors import UserError
-from vlm_jax.hf import captioner, files, vit
+from vlm_jax.hf import captioner, files, twotower, vit
 from vlm_jax.hf.tree import unstacked_blocks
 
 VISION_TYPES = ("vit", "siglip_vision_model", "siglip")
@@ -34,12 +35,14 @@ def params_from_hf(path: str, target: dict) -> dict:
                             {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")},
                             target, where)
     return captioner.from_hf(config, sd, target, where)
+  if model_type in ("siglip", "clip") and "logit_scale" in target:
+    return twotower.from_hf(config, sd, target, where)
   if model_type in VISION_TYPES:
     if "img" in target:
       return {"img": vision_from_hf(config, sd, target["img"], where)}
     return vision_from_hf(config, sd, target, where)
   raise UserError(f"{where}: model_type '{model_type}' cannot initialise this model; supported: "
-                  f"{', '.join(VISION_TYPES + ('vision-encoder-decoder',))}.")
+                  f"{', '.join(VISION_TYPES + ('vision-encoder-decoder', 'clip'))}.")
 
 
 def _strip(sd: dict, prefix: str) -> dict:

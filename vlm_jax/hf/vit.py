@@ -120,6 +120,28 @@ def _block_names(layout):
   return "encoder.layers", "layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2"
 
 
+def blocks_to_hf(encoder: Mapping, layout: str) -> dict:
+  """Our pre-LN block stack (scanned or unrolled) -> {HF key: array} under `encoder.layer(s).i`
+  (the "siglip" names are also CLIP's, vision and text)."""
+  sd = {}
+  stack, ln_a, ln_b, fc1, fc2 = _block_names(layout)
+  attn_names = _attn_names(layout)
+  for i, blk in enumerate(unstacked_blocks(encoder)):
+    p = f"{stack}.{i}"
+    _ln(sd, f"{p}.{ln_a}", blk["ln1"])
+    _ln(sd, f"{p}.{ln_b}", blk["ln2"])
+    a = blk["attn"]
+    for ours in ("query", "key", "value"):
+      sd[f"{p}.{attn_names[ours]}.weight"] = _linear_in(a[f"{ours}_kernel"])
+      sd[f"{p}.{attn_names[ours]}.bias"] = f32(np.reshape(a[f"{ours}_bias"], -1))
+    sd[f"{p}.{attn_names['out']}.weight"] = _out_linear(a["out_kernel"])
+    sd[f"{p}.{attn_names['out']}.bias"] = f32(a["out_bias"])
+    for theirs, ours in ((fc1, "fc1"), (fc2, "fc2")):
+      sd[f"{p}.{theirs}.weight"] = _linear_in(blk["mlp"][ours]["kernel"])
+      sd[f"{p}.{theirs}.bias"] = f32(blk["mlp"][ours]["bias"])
+  return sd
+
+
 def vit_to_hf(params: Mapping, layout: str) -> dict:
   """Our ViT params (scanned or unrolled, with or without `head`) -> {HF key: float32 array}.
 
@@ -145,21 +167,7 @@ def vit_to_hf(params: Mapping, layout: str) -> dict:
     sd["embeddings.position_embedding.weight"] = f32(pos[0])
     sd["embeddings.patch_embedding.weight"] = conv
     sd["embeddings.patch_embedding.bias"] = f32(params["embedding"]["bias"])
-  stack, ln_a, ln_b, fc1, fc2 = _block_names(layout)
-  attn_names = _attn_names(layout)
-  for i, blk in enumerate(unstacked_blocks(params["encoder"])):
-    p = f"{stack}.{i}"
-    _ln(sd, f"{p}.{ln_a}", blk["ln1"])
-    _ln(sd, f"{p}.{ln_b}", blk["ln2"])
-    a = blk["attn"]
-    for ours in ("query", "key", "value"):
-      sd[f"{p}.{attn_names[ours]}.weight"] = _linear_in(a[f"{ours}_kernel"])
-      sd[f"{p}.{attn_names[ours]}.bias"] = f32(np.reshape(a[f"{ours}_bias"], -1))
-    sd[f"{p}.{attn_names['out']}.weight"] = _out_linear(a["out_kernel"])
-    sd[f"{p}.{attn_names['out']}.bias"] = f32(a["out_bias"])
-    for theirs, ours in ((fc1, "fc1"), (fc2, "fc2")):
-      sd[f"{p}.{theirs}.weight"] = _linear_in(blk["mlp"][ours]["kernel"])
-      sd[f"{p}.{theirs}.bias"] = f32(blk["mlp"][ours]["bias"])
+  sd.update(blocks_to_hf(params["encoder"], layout))
   _ln(sd, "layernorm" if layout == "vit" else "post_layernorm", params["encoder"]["norm"])
   if layout == "vit" and "head" not in params:  # ViTModel's pooler: identity (pooler_act "linear")
     sd["pooler.dense.weight"] = np.eye(width, dtype=np.float32)
@@ -216,6 +224,25 @@ def _attn_from(get, names, num_heads):
   return out
 
 
+def blocks_from_hf(sd: Mapping, layout: str, depth: int, num_heads: int, scan_layers: bool) -> dict:
+  """{HF key: array} with `encoder.layer(s).i` blocks -> our block stack (no final norm)."""
+  g = lambda k: _get(sd, k)
+  stack, ln_a, ln_b, fc1, fc2 = _block_names(layout)
+  names = _attn_names(layout)
+  blocks = []
+  for i in range(depth):
+    p = f"{stack}.{i}"
+    gi = lambda k, p=p: g(f"{p}.{k}")
+    blocks.append({
+        "ln1": _ln_from(sd, f"{p}.{ln_a}"), "ln2": _ln_from(sd, f"{p}.{ln_b}"),
+        "attn": _attn_from(gi, names, num_heads),
+        "mlp": {"fc1": {"kernel": f32(gi(f"{fc1}.weight").T), "bias": gi(f"{fc1}.bias")},
+                "fc2": {"kernel": f32(gi(f"{fc2}.weight").T), "bias": gi(f"{fc2}.bias")}}})
+  if f"{stack}.{depth}.{ln_a}.weight" in sd:
+    raise ValueError(f"the weights have more than {depth} layers")
+  return stacked(blocks, scan_layers)
+
+
 def vit_from_hf(sd: Mapping, layout: str, depth: int, num_heads: int, *, scan_layers: bool = True) -> dict:
   """{HF key (relative to the vision model): array} -> our ViT params (numpy).
 
@@ -232,20 +259,7 @@ def vit_from_hf(sd: Mapping, layout: str, depth: int, num_heads: int, *, scan_la
     params["pos_embedding"] = g("embeddings.position_embedding.weight")[None]
     conv, bias = g("embeddings.patch_embedding.weight"), g("embeddings.patch_embedding.bias")
   params["embedding"] = {"kernel": f32(conv.transpose(2, 3, 1, 0)), "bias": bias}
-  stack, ln_a, ln_b, fc1, fc2 = _block_names(layout)
-  names = _attn_names(layout)
-  blocks = []
-  for i in range(depth):
-    p = f"{stack}.{i}"
-    gi = lambda k, p=p: g(f"{p}.{k}")
-    blocks.append({
-        "ln1": _ln_from(sd, f"{p}.{ln_a}"), "ln2": _ln_from(sd, f"{p}.{ln_b}"),
-        "attn": _attn_from(gi, names, num_heads),
-        "mlp": {"fc1": {"kernel": f32(gi(f"{fc1}.weight").T), "bias": gi(f"{fc1}.bias")},
-                "fc2": {"kernel": f32(gi(f"{fc2}.weight").T), "bias": gi(f"{fc2}.bias")}}})
-  if f"{stack}.{depth}.{ln_a}.weight" in sd:
-    raise ValueError(f"the weights have more than {depth} layers")
-  enc = stacked(blocks, scan_layers)
+  enc = blocks_from_hf(sd, layout, depth, num_heads, scan_layers)
   enc["norm"] = _ln_from(sd, "layernorm" if layout == "vit" else "post_layernorm")
   params["encoder"] = enc
   if layout == "siglip" and "head.probe" in sd:
