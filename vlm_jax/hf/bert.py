@@ -30,8 +30,8 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 from vlm_jax.data.tokenizer import _write_atomic
 from vlm_jax.errors import UserError
-from vlm_jax.hf.gpt2 import _heads, _ln_from, _np
-from vlm_jax.hf.tree import stacked
+from vlm_jax.hf.gpt2 import _heads, _ln_from
+from vlm_jax.hf.tree import f32, stacked
 
 ACTIVATIONS = {"gelu": False, "gelu_new": True, "gelu_pytorch_tanh": True}  # -> gelu_approximate
 
@@ -96,7 +96,7 @@ def read_state_dict(hf_dir: str) -> dict:
 
 
 def _linear(sd, name):
-  return _np(sd[f"{name}.weight"]).T, _np(sd[f"{name}.bias"])
+  return f32(sd[f"{name}.weight"]).T, f32(sd[f"{name}.bias"])
 
 
 def _block(sd, p, num_heads):
@@ -114,9 +114,9 @@ def _block(sd, p, num_heads):
 def text_encoder_from_bert(state_dict, depth: int, num_heads: int, scan_layers: bool = True) -> dict:
   """BertModel weights (numpy or torch tensors) -> `TextEncoder(layout="bert")` params (numpy)."""
   sd = {k[len("bert."):] if k.startswith("bert.") else k: v for k, v in state_dict.items()}
-  params = {"token_embed": {"embedding": _np(sd["embeddings.word_embeddings.weight"])},
-            "pos_embedding": _np(sd["embeddings.position_embeddings.weight"]),
-            "type_embedding": _np(sd["embeddings.token_type_embeddings.weight"]),
+  params = {"token_embed": {"embedding": f32(sd["embeddings.word_embeddings.weight"])},
+            "pos_embedding": f32(sd["embeddings.position_embeddings.weight"]),
+            "type_embedding": f32(sd["embeddings.token_type_embeddings.weight"]),
             "embed_norm": _ln_from(sd, "embeddings.LayerNorm")}
   blocks = [_block(sd, f"encoder.layer.{i}", num_heads) for i in range(depth)]
   params.update(stacked(blocks, scan_layers))

@@ -18,19 +18,13 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from vlm_jax.hf.tree import stacked, unstacked_blocks
+from vlm_jax.hf.tree import f32, stacked, unstacked_blocks
 
 _LN = (("ln_1", "ln1"), ("ln_cross_attn", "ln_cross"), ("ln_2", "ln2"))
 
 
-def _np(x) -> np.ndarray:
-  if hasattr(x, "detach"):  # a torch tensor
-    x = x.detach().cpu().numpy()
-  return np.asarray(x, dtype=np.float32)
-
-
 def _ln_from(sd, name):
-  return {"scale": _np(sd[f"{name}.weight"]), "bias": _np(sd[f"{name}.bias"])}
+  return {"scale": f32(sd[f"{name}.weight"]), "bias": f32(sd[f"{name}.bias"])}
 
 
 def _heads(w, b, num_heads):
@@ -48,7 +42,7 @@ def _attn_from(q_w, q_b, k_w, k_b, v_w, v_b, o_w, o_b, num_heads):
 
 
 def _block_from(sd, p, num_heads):
-  g = lambda k: _np(sd[f"{p}.{k}"])
+  g = lambda k: f32(sd[f"{p}.{k}"])
   d = g("attn.c_attn.weight").shape[0]
   qkv_w, qkv_b = g("attn.c_attn.weight"), g("attn.c_attn.bias")
   kv_w, kv_b = g("crossattention.c_attn.weight"), g("crossattention.c_attn.bias")
@@ -83,12 +77,12 @@ def decoder_from_gpt2_state_dict(state_dict: Mapping, depth: int, num_heads: int
                      "without add_cross_attention=True")
   if f"transformer.h.{depth}.ln_1.weight" in sd:
     raise ValueError(f"state dict has more than depth={depth} layers")
-  wte = _np(sd["transformer.wte.weight"])
-  params = {"token_embed": {"embedding": wte}, "pos_embedding": _np(sd["transformer.wpe.weight"]),
+  wte = f32(sd["transformer.wte.weight"])
+  params = {"token_embed": {"embedding": wte}, "pos_embedding": f32(sd["transformer.wpe.weight"]),
             "norm": _ln_from(sd, "transformer.ln_f")}
   blocks = [_block_from(sd, f"transformer.h.{i}", num_heads) for i in range(depth)]
   params.update(stacked(blocks, scan_layers))
-  head = _np(sd["lm_head.weight"]) if "lm_head.weight" in sd else None
+  head = f32(sd["lm_head.weight"]) if "lm_head.weight" in sd else None
   if tie_embeddings is None:
     tie_embeddings = head is None or np.array_equal(head, wte)
   if not tie_embeddings:
@@ -96,8 +90,8 @@ def decoder_from_gpt2_state_dict(state_dict: Mapping, depth: int, num_heads: int
       raise ValueError("tie_embeddings=False but the state dict has no 'lm_head.weight'")
     params["head"] = {"kernel": head.T.copy()}
   if "enc_to_dec_proj.weight" in sd:
-    params["enc_proj"] = {"kernel": _np(sd["enc_to_dec_proj.weight"]).T.copy(),
-                          "bias": _np(sd["enc_to_dec_proj.bias"])}
+    params["enc_proj"] = {"kernel": f32(sd["enc_to_dec_proj.weight"]).T.copy(),
+                          "bias": f32(sd["enc_to_dec_proj.bias"])}
   return params
 
 
