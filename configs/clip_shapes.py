@@ -8,13 +8,12 @@ bias-free projections into a shared embedding; a learnable temperature (no bias)
 schedule and metrics as configs/siglip_shapes.py. `:tiny` is the test variant.
 """
 
-import importlib.util
 import math
 import os
 
-_spec = importlib.util.spec_from_file_location("siglip_shapes", os.path.join(os.path.dirname(__file__), "siglip_shapes.py"))
-siglip_shapes = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(siglip_shapes)
+from vlm_jax.config import recipe_module
+
+siglip_shapes = recipe_module(os.path.join(os.path.dirname(__file__), "siglip_shapes.py"))
 
 
 def get_config(arg: str = ""):

@@ -7,12 +7,11 @@ generates answers and reports test/vqa_accuracy. The tokenizer must be the capti
 (`input.tokenizer` defaults to INIT_FROM/tokenizer.json when init_from is set).
 """
 
-import importlib.util
 import os
 
-_spec = importlib.util.spec_from_file_location("cappa_shapes", os.path.join(os.path.dirname(__file__), "cappa_shapes.py"))
-cappa_shapes = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cappa_shapes)
+from vlm_jax.config import recipe_module
+
+cappa_shapes = recipe_module(os.path.join(os.path.dirname(__file__), "cappa_shapes.py"))
 
 
 def get_config(arg: str = ""):

@@ -91,16 +91,22 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def load(spec: str) -> ml_collections.ConfigDict:
-  """Loads a recipe 'path/to/recipe.py[:ARG]' the way --config does (for tests and tools)."""
+def recipe_module(path: str):
+  """The recipe file at `path` as a module (recipes build on each other through it)."""
   import importlib.util
 
-  path, _, arg = spec.partition(":")
   if not os.path.exists(path):
     raise UserError(f"config file '{path}' does not exist.")
   mod_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(mod_spec)
   mod_spec.loader.exec_module(module)
+  return module
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  """Loads a recipe 'path/to/recipe.py[:ARG]' the way --config does (for tests and tools)."""
+  path, _, arg = spec.partition(":")
+  module = recipe_module(path)
   cfg = module.get_config(arg) if arg else module.get_config()
   cfg.lock()
   return cfg
