@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 
 from vlm_jax.data.tokenizer import hf_fast_tokenizer
 from vlm_jax.errors import UserError
-from vlm_jax.evaluate import load_run_config, restore_run
+from vlm_jax.evaluate import restore_run
 from vlm_jax.hf import captioner, files, twotower, vit
 
 FAMILIES = {
@@ -44,10 +44,11 @@ class Run:
 
 def load_run(workdir: str, step=None, encoder_only: bool = False) -> tuple:
   """Restores a workdir's params (numpy, on every process) with its own config; returns (Run, step)."""
-  cfg = load_run_config(os.path.abspath(os.path.expanduser(workdir)))
-  if cfg.task not in FAMILIES:
-    raise UserError(f"task '{cfg.task}' has no Hugging Face export yet (exportable: {', '.join(FAMILIES)}).")
-  s, params, step = restore_run(workdir, step)
+  def exportable(cfg):  # checked before the model is built
+    if cfg.task not in FAMILIES:
+      raise UserError(f"task '{cfg.task}' has no Hugging Face export yet (exportable: {', '.join(FAMILIES)}).")
+  s, params, step = restore_run(workdir, step, edit=exportable)
+  cfg = s.cfg
   if jax.process_count() > 1:
     params = multihost_utils.process_allgather(params, tiled=True)
   params = jax.tree.map(lambda x: np.asarray(x, np.float32), jax.device_get(params))
