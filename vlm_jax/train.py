@@ -25,7 +25,7 @@ from ml_collections import config_flags
 
 from vlm_jax import checkpoint, config as config_lib, flops, optim, parallel, preemption, tasks
 from vlm_jax import logging as vlog
-from vlm_jax.data import pipeline, sources
+from vlm_jax.data import pipeline, run_tokenizer, sources
 from vlm_jax.errors import UserError, run_cli
 
 
@@ -264,8 +264,8 @@ def train(cfg, workdir: str, stop: preemption.StopSignal = None) -> dict:
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
   tok = getattr(s.task, "tokenizer", None)
   if tok is not None and ckpt.latest_step() is not None:
-    tasks.captioning.check_same_tokenizer(tok, workdir, f"Resume with --config.input.tokenizer="
-                                          f"{workdir}/tokenizer.json, or use a new --workdir.")
+    run_tokenizer.check_same(tok, workdir, f"Resume with --config.input.tokenizer="
+                             f"{workdir}/tokenizer.json, or use a new --workdir.")
   state, resumed = restore_or_init(s, ckpt)
   if cfg.init_from and not resumed:
     params, copied = checkpoint.load_params(cfg.init_from, state.params, cfg.init_include,

@@ -17,7 +17,7 @@ from PIL import Image
 import jax
 
 from vlm_jax import config, train
-from vlm_jax.data import pipeline, sources, tokenizer
+from vlm_jax.data import pipeline, run_tokenizer, sources
 from vlm_jax.data.builders import folder, folder_scan
 from vlm_jax.errors import UserError
 
@@ -197,9 +197,9 @@ def test_jsonl_captions_and_qa_feed_captioning_and_vqa_pipelines(tmp_path, caplo
   assert [c.decode() for c in ex["img/01.png"]["caption"]] == ["a green square", "another reference"]
   assert [q.decode() for q in ex["img/02.png"]["qa"]["question"]] == ["what color is it?", "q?"]
 
-  tok = tokenizer.tokenizer_for_dataset(f"folder:{root}", dd, vocab_size=64)
+  tok = run_tokenizer.tokenizer_for_dataset(f"folder:{root}", dd, vocab_size=64)
   assert tok.decode(tok.encode("a green square")) == "a green square"
-  assert os.path.dirname(tokenizer.cache_path(builder, 64)) == builder.data_dir  # cached with the data
+  assert os.path.dirname(run_tokenizer.cache_path(builder, 64)) == builder.data_dir  # cached with the data
   cfg = config.load(os.path.join(REPO, "configs/cappa_shapes.py:tiny"))
   inp = cfg.input
   inp.data, inp.image_size, inp.max_len, inp.vocab_size = f"folder:{root}", 16, 12, 64

@@ -1,7 +1,8 @@
-"""Text tokenizer: training, encoding/decoding, fixed-length sequences, caching, HF export.
+"""Text tokenizer: training, encoding/decoding, fixed-length sequences, HF export.
 
-Owns everything between text and integer token arrays; no jax here (and tensorflow-datasets is
-imported only inside `tokenizer_for_dataset`, so loading a tokenizer stays light).
+Owns everything between text and integer token arrays; no jax and no tensorflow here, so loading a
+tokenizer stays light. Which tokenizer a run uses (and training one on a dataset's texts) is
+`data.run_tokenizer`.
 
 `Tokenizer` wraps a Hugging Face `tokenizers.Tokenizer` whose vocabulary starts with the special
 tokens, in this order and at these ids when trained here:
@@ -62,10 +63,6 @@ KINDS = ("wordpiece", "bpe", "wordlevel")
 WORD_START = "▁"
 # Always in the vocabulary of the sub-word kinds, so unseen ASCII words never become <unk>.
 _ALPHABET = tuple(string.ascii_lowercase + string.digits + string.punctuation) + (WORD_START,)
-# Text features read by `tokenizer_for_dataset`: "a/b" is feature b inside (a sequence of) dict a.
-# Covers `shapes` (caption, qa), coco_captions (captions/text) and simple VQA-style datasets.
-DEFAULT_TEXT_KEYS = ("caption", "captions/text", "qa/question", "qa/answer", "question",
-                     "answer", "answers", "text")
 TOKENIZER_FILE = "tokenizer.json"
 
 log = logging.getLogger(__name__)
@@ -98,7 +95,7 @@ def _pipeline(backend: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
 class Tokenizer:
   """A `tokenizers.Tokenizer` with this project's special tokens and sequence helpers.
 
-  Build one with `train_tokenizer`, `Tokenizer.load` or `tokenizer_for_dataset`; the constructor
+  Build one with `train_tokenizer`, `Tokenizer.load` or `run_tokenizer.tokenizer_for_dataset`; the constructor
   takes a backend `tokenizers.Tokenizer` and checks that it holds all special tokens, <pad> at 0.
   """
 
@@ -167,10 +164,10 @@ class Tokenizer:
   # -- text <-> ids ----------------------------------------------------------------------------
   def encode(self, text: str) -> list[int]:
     """Token ids of `text`, without BOS/EOS."""
-    return self._tok.encode(_as_str(text), add_special_tokens=False).ids
+    return self._tok.encode(as_str(text), add_special_tokens=False).ids
 
   def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
-    encs = self._tok.encode_batch([_as_str(t) for t in texts], add_special_tokens=False)
+    encs = self._tok.encode_batch([as_str(t) for t in texts], add_special_tokens=False)
     return [e.ids for e in encs]
 
   def decode(self, ids) -> str:
@@ -224,7 +221,7 @@ class Tokenizer:
     path = os.path.expanduser(path)
     if os.path.isdir(path):
       path = os.path.join(path, TOKENIZER_FILE)
-    _write_atomic(path, self.to_json())
+    write_atomic(path, self.to_json())
     return path
 
   @classmethod
@@ -245,7 +242,7 @@ class Tokenizer:
     return cls(backend, source=f"'{path}'")
 
 
-def _as_str(text) -> str:
+def as_str(text) -> str:
   if isinstance(text, bytes):
     return text.decode("utf-8")
   if not isinstance(text, str):
@@ -253,7 +250,7 @@ def _as_str(text) -> str:
   return text
 
 
-def _write_atomic(path: str, text: str) -> None:
+def write_atomic(path: str, text: str) -> None:
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=".tokenizer-", suffix=".tmp", dir=directory)
@@ -298,7 +295,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1000,
     trainer = trainers.WordLevelTrainer(
         vocab_size=vocab_size, min_frequency=0, special_tokens=specials, show_progress=False)
   _pipeline(backend)
-  backend.train_from_iterator((_as_str(t) for t in texts), trainer=trainer)
+  backend.train_from_iterator((as_str(t) for t in texts), trainer=trainer)
   return Tokenizer(backend, source=f"trained ({kind})")
 
 
@@ -390,127 +387,6 @@ def prompt_sequences(question_ids: Sequence[Sequence[int]], max_len: int, *,
     tokens[row, :len(seq)] = seq
     prompt_len[row] = len(seq)
   return tokens, prompt_len
-
-
-# -- tokenizer of a tfds dataset -----------------------------------------------------------------
-def _lookup_feature(features, path: str):
-  """The feature at "a/b" (through Sequence features), or None."""
-  import tensorflow_datasets as tfds
-  node = features
-  for part in path.split("/"):
-    while isinstance(node, tfds.features.Sequence):
-      node = node.feature
-    if not isinstance(node, tfds.features.FeaturesDict) or part not in node.keys():
-      return None
-    node = node[part]
-  return node
-
-
-def _decoder_spec(paths: Sequence[str]) -> dict:
-  """PartialDecoding spec {"a": {"b": True}} for the given "a/b" paths."""
-  spec = {}
-  for path in paths:
-    *parents, leaf = path.split("/")
-    node = spec
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = True
-  return spec
-
-
-def _strings(value):
-  """Every string inside a decoded value (bytes, numpy arrays of bytes, nested dicts)."""
-  if isinstance(value, dict):
-    for v in value.values():
-      yield from _strings(v)
-  elif isinstance(value, (bytes, str)):
-    yield _as_str(value)
-  elif isinstance(value, np.ndarray) and value.dtype.kind in "OSU":
-    for v in value.reshape(-1):
-      yield from _strings(v)
-  elif isinstance(value, (list, tuple)):
-    for v in value:
-      yield from _strings(v)
-
-
-def _get_path(example: dict, path: str):
-  node = example
-  for part in path.split("/"):
-    node = node[part]
-  return node
-
-
-def dataset_texts(builder, split: str = "train",
-                  text_keys: Sequence[str] = DEFAULT_TEXT_KEYS) -> Iterable[str]:
-  """Yields the texts of `split` under `text_keys` (those the dataset has), images never decoded."""
-  import tensorflow_datasets as tfds
-  features = builder.info.features
-  paths = [k for k in text_keys if _lookup_feature(features, k) is not None]
-  # A key nested in another one ("captions/text" vs "captions") would yield its texts twice.
-  paths = [p for p in paths if not any(p.startswith(q + "/") for q in paths)]
-  if not paths:
-    raise UserError(f"dataset '{builder.info.full_name}' has none of the text features "
-                    f"{', '.join(text_keys)} to train a tokenizer on (it has "
-                    f"{', '.join(features.keys())}). Use a dataset with captions or questions.")
-  if split not in builder.info.splits:
-    raise UserError(f"dataset '{builder.info.full_name}' has no split '{split}' to train a "
-                    f"tokenizer on; it has {', '.join(builder.info.splits.keys())}.")
-  if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
-    # Data sources take no PartialDecoding: leave the top-level images undecoded instead.
-    skip = {k: tfds.decode.SkipDecoding() for k, f in features.items()
-            if isinstance(f, (tfds.features.Image, tfds.features.Video))}
-    examples = builder.as_data_source(split=split, decoders=skip or None)
-  else:
-    ds = builder.as_dataset(split=split, shuffle_files=False,
-                            decoders=tfds.decode.PartialDecoding(_decoder_spec(paths)),
-                            read_config=tfds.ReadConfig(try_autocache=False))
-    examples = tfds.as_numpy(ds)
-  for ex in examples:
-    for path in paths:
-      yield from _strings(_get_path(ex, path))
-
-
-def cache_path(builder, vocab_size: int, kind: str = "wordpiece") -> str:
-  """Where `tokenizer_for_dataset` keeps the tokenizer: next to the prepared data."""
-  return os.path.join(builder.data_dir, f"tokenizer_{kind}_v{vocab_size}.json")
-
-
-def tokenizer_for_dataset(builder_or_name, data_dir: str | None = None, vocab_size: int = 1000,
-                          kind: str = "wordpiece", split: str = "train",
-                          text_keys: Sequence[str] = DEFAULT_TEXT_KEYS) -> Tokenizer:
-  """The tokenizer trained on `split`'s texts of a prepared tfds dataset, cached next to the data.
-
-  `builder_or_name` is a prepared `tfds.core.DatasetBuilder` or a name such as "shapes/tiny"
-  (embedded datasets are built on demand, see `sources.open_source`; data_dir is then required).
-  The first call trains on the captions, questions and answers (`text_keys`) and writes
-  `<data_dir>/<name>/<config>/<version>/tokenizer_<kind>_v<vocab_size>.json`; later calls load
-  that file. A read-only data directory only costs the caching (a warning, then training each
-  time); an unreadable cached file is replaced.
-  """
-  if kind not in KINDS:
-    raise UserError(f"unknown tokenizer kind '{kind}'; choose one of {', '.join(KINDS)}.")
-  if isinstance(builder_or_name, str):
-    if data_dir is None:
-      raise UserError(f"tokenizer_for_dataset('{builder_or_name}') needs the tfds data_dir.")
-    from vlm_jax.data import sources
-    builder = sources.open_source(builder_or_name, data_dir)
-  else:
-    builder = builder_or_name
-  path = cache_path(builder, vocab_size, kind)
-  if os.path.isfile(path):
-    try:
-      return Tokenizer.load(path)
-    except UserError as e:
-      log.warning("retraining the tokenizer: cached %s is unusable (%s)", path, e)
-  # Read everything before training: the Rust trainer pulling lazily from a tf.data iterator
-  # crashes the process (segfault) on this stack.
-  texts = list(dataset_texts(builder, split, text_keys))
-  tok = train_tokenizer(texts, vocab_size, kind)
-  try:
-    tok.save(path)
-  except OSError as e:
-    log.warning("cannot cache the tokenizer at %s (%s); it will be retrained next time", path, e)
-  return tok
 
 
 # -- Hugging Face export -------------------------------------------------------------------------

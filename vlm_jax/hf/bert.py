@@ -28,10 +28,9 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
-from vlm_jax.data.tokenizer import _write_atomic
+from vlm_jax.data.tokenizer import write_atomic
 from vlm_jax.errors import UserError
-from vlm_jax.hf.gpt2 import _heads, _ln_from
-from vlm_jax.hf.tree import f32, stacked
+from vlm_jax.hf.tree import f32, ln_from, split_heads, stacked
 
 ACTIVATIONS = {"gelu": False, "gelu_new": True, "gelu_pytorch_tanh": True}  # -> gelu_approximate
 
@@ -102,12 +101,12 @@ def _linear(sd, name):
 def _block(sd, p, num_heads):
   attn = {}
   for ours in ("query", "key", "value"):
-    attn[f"{ours}_kernel"], attn[f"{ours}_bias"] = _heads(*_linear(sd, f"{p}.attention.self.{ours}"), num_heads)
+    attn[f"{ours}_kernel"], attn[f"{ours}_bias"] = split_heads(*_linear(sd, f"{p}.attention.self.{ours}"), num_heads)
   w, b = _linear(sd, f"{p}.attention.output.dense")
   attn["out_kernel"], attn["out_bias"] = w.reshape(num_heads, -1, w.shape[1]), b
   fc1, fc2 = _linear(sd, f"{p}.intermediate.dense"), _linear(sd, f"{p}.output.dense")
-  return {"attn": attn, "ln1": _ln_from(sd, f"{p}.attention.output.LayerNorm"),
-          "ln2": _ln_from(sd, f"{p}.output.LayerNorm"),
+  return {"attn": attn, "ln1": ln_from(sd, f"{p}.attention.output.LayerNorm"),
+          "ln2": ln_from(sd, f"{p}.output.LayerNorm"),
           "mlp": {"fc1": {"kernel": fc1[0], "bias": fc1[1]}, "fc2": {"kernel": fc2[0], "bias": fc2[1]}}}
 
 
@@ -117,7 +116,7 @@ def text_encoder_from_bert(state_dict, depth: int, num_heads: int, scan_layers: 
   params = {"token_embed": {"embedding": f32(sd["embeddings.word_embeddings.weight"])},
             "pos_embedding": f32(sd["embeddings.position_embeddings.weight"]),
             "type_embedding": f32(sd["embeddings.token_type_embeddings.weight"]),
-            "embed_norm": _ln_from(sd, "embeddings.LayerNorm")}
+            "embed_norm": ln_from(sd, "embeddings.LayerNorm")}
   blocks = [_block(sd, f"encoder.layer.{i}", num_heads) for i in range(depth)]
   params.update(stacked(blocks, scan_layers))
   return params
@@ -241,5 +240,5 @@ class BertTokenizer:
   def save(self, path: str) -> str:
     if os.path.isdir(path):
       path = os.path.join(path, "tokenizer.json")
-    _write_atomic(path, self._tok.to_str(pretty=True))
+    write_atomic(path, self._tok.to_str(pretty=True))
     return path

@@ -18,24 +18,15 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from vlm_jax.hf.tree import f32, stacked, unstacked_blocks
+from vlm_jax.hf.tree import f32, ln_from, split_heads, stacked, unstacked_blocks
 
 _LN = (("ln_1", "ln1"), ("ln_cross_attn", "ln_cross"), ("ln_2", "ln2"))
-
-
-def _ln_from(sd, name):
-  return {"scale": f32(sd[f"{name}.weight"]), "bias": f32(sd[f"{name}.bias"])}
-
-
-def _heads(w, b, num_heads):
-  d = w.shape[0]
-  return w.reshape(d, num_heads, -1), b.reshape(num_heads, -1)
 
 
 def _attn_from(q_w, q_b, k_w, k_b, v_w, v_b, o_w, o_b, num_heads):
   out = {}
   for name, w, b in (("query", q_w, q_b), ("key", k_w, k_b), ("value", v_w, v_b)):
-    out[f"{name}_kernel"], out[f"{name}_bias"] = _heads(w, b, num_heads)
+    out[f"{name}_kernel"], out[f"{name}_bias"] = split_heads(w, b, num_heads)
   out["out_kernel"] = o_w.reshape(num_heads, -1, o_w.shape[1])
   out["out_bias"] = o_b
   return out
@@ -46,7 +37,7 @@ def _block_from(sd, p, num_heads):
   d = g("attn.c_attn.weight").shape[0]
   qkv_w, qkv_b = g("attn.c_attn.weight"), g("attn.c_attn.bias")
   kv_w, kv_b = g("crossattention.c_attn.weight"), g("crossattention.c_attn.bias")
-  block = {ours: _ln_from(sd, f"{p}.{theirs}") for theirs, ours in _LN}
+  block = {ours: ln_from(sd, f"{p}.{theirs}") for theirs, ours in _LN}
   block["self_attn"] = _attn_from(qkv_w[:, :d], qkv_b[:d], qkv_w[:, d:2 * d], qkv_b[d:2 * d],
                                   qkv_w[:, 2 * d:], qkv_b[2 * d:], g("attn.c_proj.weight"),
                                   g("attn.c_proj.bias"), num_heads)
@@ -79,7 +70,7 @@ def decoder_from_gpt2_state_dict(state_dict: Mapping, depth: int, num_heads: int
     raise ValueError(f"state dict has more than depth={depth} layers")
   wte = f32(sd["transformer.wte.weight"])
   params = {"token_embed": {"embedding": wte}, "pos_embedding": f32(sd["transformer.wpe.weight"]),
-            "norm": _ln_from(sd, "transformer.ln_f")}
+            "norm": ln_from(sd, "transformer.ln_f")}
   blocks = [_block_from(sd, f"transformer.h.{i}", num_heads) for i in range(depth)]
   params.update(stacked(blocks, scan_layers))
   head = f32(sd["lm_head.weight"]) if "lm_head.weight" in sd else None

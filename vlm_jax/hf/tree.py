@@ -12,6 +12,17 @@ def f32(x) -> np.ndarray:
   return np.ascontiguousarray(np.asarray(x, dtype=np.float32))
 
 
+def ln_from(sd, name) -> dict:
+  """Our LayerNorm params from a state dict's `NAME.weight` / `NAME.bias`."""
+  return {"scale": f32(sd[f"{name}.weight"]), "bias": f32(sd[f"{name}.bias"])}
+
+
+def split_heads(w, b, num_heads):
+  """A q/k/v projection [in, out] + bias [out] (out = heads x head_dim) in our head-major layout."""
+  d = w.shape[0]
+  return w.reshape(d, num_heads, -1), b.reshape(num_heads, -1)
+
+
 def stack(trees: list):
   """Per-layer trees -> one tree with a leading layer axis (the layout of a scanned stack)."""
   if isinstance(trees[0], Mapping):

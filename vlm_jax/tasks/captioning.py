@@ -12,7 +12,6 @@ Evaluation decodes every example (`evals.decode`: greedy / beam / sample) and re
 `bleu4`, `cider` (captions) or `vqa_accuracy` (answers), plus teacher-forced `perplexity`.
 """
 
-import os
 import re
 
 import jax
@@ -21,36 +20,11 @@ import numpy as np
 import optax
 
 from vlm_jax import decode
-from vlm_jax.data import pipeline, tokenizer as tokenizer_lib
+from vlm_jax.data import pipeline, run_tokenizer
 from vlm_jax.errors import UserError
 from vlm_jax.metrics import caption as caption_metrics, vqa as vqa_metrics
 from vlm_jax.models.vlm import Captioner
 from vlm_jax.tasks.common import module_kwargs
-
-
-def load_tokenizer(cfg):
-  """input.tokenizer if set; else the init_from run's (or HF folder's) tokenizer.json; else the dataset's own."""
-  inp = cfg.input
-  if inp.tokenizer:
-    return tokenizer_lib.Tokenizer.load(inp.tokenizer)
-  if cfg.init_from:
-    src = cfg.init_from[3:] if cfg.init_from.startswith("hf:") else cfg.init_from.split(":")[0]  # hf:PATH
-    path = os.path.join(os.path.expanduser(src), "tokenizer.json")
-    if os.path.exists(path):
-      return tokenizer_lib.Tokenizer.load(path)
-  return tokenizer_lib.tokenizer_for_dataset(inp.data, cfg.data_dir, inp.vocab_size)
-
-
-def check_same_tokenizer(tok, directory: str, fix: str) -> None:
-  """Refuses `tok` when DIRECTORY/tokenizer.json (the one a checkpoint there was trained with) differs."""
-  path = os.path.join(os.path.abspath(os.path.expanduser(directory)), "tokenizer.json")
-  if not os.path.exists(path):
-    return
-  saved = tokenizer_lib.Tokenizer.load(path)
-  if saved.backend.get_vocab(with_added_tokens=True) != tok.backend.get_vocab(with_added_tokens=True):
-    raise UserError(f"tokenizer {tok.source} (vocab {tok.vocab_size}) does not match {path} (vocab "
-                    f"{saved.vocab_size}), the one the checkpoint in {os.path.dirname(path)} was trained "
-                    f"with: token ids would mean other words. {fix}")
 
 
 class Task:
@@ -62,9 +36,9 @@ class Task:
     if inp.text not in ("caption", "qa"):
       raise UserError(f"task 'captioning' needs input.text='caption' or 'qa', got '{inp.text}'.")
     self.cfg, self.mode = cfg, inp.text
-    self.tokenizer = load_tokenizer(cfg)
+    self.tokenizer = run_tokenizer.for_run(cfg)
     if cfg.init_from and re.search(cfg.init_include, "txt/token_embed/embedding"):
-      check_same_tokenizer(self.tokenizer, cfg.init_from.split(":")[0],
+      run_tokenizer.check_same(self.tokenizer, cfg.init_from.split(":")[0],
                            "Set --config.input.tokenizer= to that file (or leave it empty), or exclude "
                            "the text embedding from --config.init_include.")
     self.text_fields = ("caption",) if self.mode == "caption" else ("question", "answer")

@@ -29,14 +29,13 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from vlm_jax import checkpoint
-from vlm_jax.data import pipeline
+from vlm_jax.data import pipeline, run_tokenizer
 from vlm_jax.errors import UserError
 from vlm_jax.hf import bert
 from vlm_jax.metrics import retrieval
 from vlm_jax.models.vlm import TwoTower
 from vlm_jax.optim import param_path
 from vlm_jax.parallel import BATCH_AXES
-from vlm_jax.tasks.captioning import load_tokenizer
 from vlm_jax.tasks.common import module_kwargs
 
 LOSSES = ("sigmoid", "softmax")
@@ -150,7 +149,7 @@ class Task:
       self.tokenizer = bert.BertTokenizer.load(inp.tokenizer) if inp.tokenizer else \
           bert.BertTokenizer.from_dir(bert.resolve_dir(self.text_init))
     else:
-      self.tokenizer = load_tokenizer(cfg)
+      self.tokenizer = run_tokenizer.for_run(cfg)
     txt.setdefault("vocab_size", self.tokenizer.vocab_size)
     if txt["vocab_size"] < self.tokenizer.vocab_size:
       raise UserError(f"model.text.vocab_size={txt['vocab_size']} is smaller than the tokenizer's "
