@@ -23,6 +23,18 @@ def test_recipe_loads_and_validates(path):
   assert {"seed", "total_steps", "batch_size", "mesh", "data_dir"} <= set(cfg.keys())
 
 
+def test_config_json_of_an_older_version_gets_new_keys_as_defaults():
+  """A workdir written before a key existed (here nan_policy, optimizer.freeze) still evaluates."""
+  import json
+  d = json.loads(config.to_json(config.load(os.path.join(REPO, "configs/vit_shapes.py"))))
+  del d["nan_policy"], d["optimizer"]["freeze"]
+  d["optimizer"]["learning_rate"] = 0.123
+  cfg = config.from_json(json.dumps(d))
+  assert cfg.nan_policy == config.base_config().nan_policy and cfg.optimizer.freeze == ""
+  assert cfg.optimizer.learning_rate == 0.123  # saved values win
+  config.validate(cfg)
+
+
 def test_vit_b16_imagenet_one_fsdp_step_at_tiny_size():
   cfg = config.load(os.path.join(REPO, "configs/vit_b16_imagenet.py"))
   assert cfg.model.dtype == "bfloat16" and cfg.mesh.startswith("data=1,fsdp=-1")

@@ -113,14 +113,24 @@ def load(spec: str) -> ml_collections.ConfigDict:
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:
-  """The resolved config a run wrote to WORKDIR/config.json."""
+  """The resolved config a run wrote to WORKDIR/config.json. Keys added to `base_config` since
+  that run take their defaults, so workdirs of older versions still evaluate and export."""
   d = json.loads(text)
   for key in ("random_crop_scale", "mean", "std"):
     if key in d.get("input", {}):
       d["input"][key] = tuple(d["input"][key])
+  _fill_missing(d, base_config().to_dict())
   cfg = ml_collections.ConfigDict(d)
   cfg.lock()
   return cfg
+
+
+def _fill_missing(d: dict, defaults: dict) -> None:
+  for k, v in defaults.items():
+    if k not in d:
+      d[k] = v
+    elif isinstance(v, dict) and isinstance(d[k], dict):
+      _fill_missing(d[k], v)
 
 
 def nearest(name: str, options) -> str:
