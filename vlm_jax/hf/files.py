@@ -37,9 +37,9 @@ def save_json(out: str, name: str, obj: dict) -> str:
 def image_processor_config(inp) -> dict:
   """preprocessor_config.json reproducing our evaluation preprocessing (`data.preprocess.eval_image`):
 
-  RGB, resize to image_size x image_size (bilinear with antialiasing), x / 255, (x - mean) / std.
-  HF resizes uint8 images in PIL/torchvision and rounds to uint8, tf.image.resize does not round,
-  so for images of another size pixels may differ by one uint8 level (2/255 at std 0.5).
+  RGB, resize to image_size x image_size with Pillow's bilinear filter, x / 255, (x - mean) / std.
+  `preprocess.resize` is Pillow's resize re-done in tf, so the pixels are identical at any input
+  size (tests/hf/test_convert_cli.py), with Pillow >= 13 on the transformers side.
   """
   s = int(inp.image_size)
   return {"image_processor_type": "ViTImageProcessor", "do_convert_rgb": True, "do_resize": True,
