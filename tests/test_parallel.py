@@ -1,9 +1,11 @@
 """Sharding on 8 simulated devices: every model family on DP, FSDP, TP and FSDP x TP meshes equals one
-device, shards params + optimizer state as the mesh promises, and names only known logical axes;
-gradient accumulation gives the full batch's update; odd dimensions fall back to replication.
+device, shards params + optimizer state as the mesh promises, splits activations instead of
+replicating them, and names only known logical axes; gradient accumulation gives the full batch's
+update; odd dimensions fall back to replication.
 """
 
 import os
+import re
 
 import flax.linen as nn
 import jax
@@ -16,7 +18,7 @@ from vlm_jax.errors import UserError
 
 from conftest import REPO
 
-# One tiny recipe per model family (the two-tower family joins here with its recipe). Widths are
+# One tiny recipe per model family. Widths are
 # 128 with 4x MLPs so that, as in real models, matrices dominate the parameter count: the patch
 # embedding, position embeddings and the classifier head stay replicated over `tensor` (Megatron
 # convention), which at width 32 would be a quarter of all parameters.
@@ -24,6 +26,8 @@ FAMILIES = {
     "classifier": ("configs/vit_shapes.py:tiny", {"model.width": 128, "model.mlp_dim": 512}),
     "captioner": ("configs/cappa_shapes.py:tiny", {"model.encoder.width": 128, "model.encoder.mlp_dim": 512,
                                                    "model.decoder.width": 128, "model.decoder.mlp_dim": 512}),
+    "two_tower": ("configs/siglip_shapes.py:tiny", {"model.image.width": 128, "model.image.mlp_dim": 512,
+                                                    "model.text.width": 128, "model.text.mlp_dim": 512}),
 }
 MESHES = {
     "dp8": "data=8,fsdp=1,tensor=1",
@@ -91,6 +95,44 @@ def test_sharded_equals_single_device_and_shards_state(reference, data_dir, mesh
   for path, x in jax.tree_util.tree_flatten_with_path(state.params)[0]:
     if x.size >= 4096:  # every matrix is split at least over fsdp
       assert x.addressable_shards[0].data.size * s.mesh.shape["fsdp"] <= x.size, jax.tree_util.keystr(path)
+
+
+def _compiled_step(cfg, devices, batch):
+  """The compiled loss + gradient of `cfg` on `devices` for a global batch shaped like `batch`."""
+  s = train.build(cfg, devices=devices)
+  with s.context():
+    params = jax.eval_shape(lambda r: s.init_state(r), jax.random.PRNGKey(0)).params
+    params = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), params,
+                          s.state_sharding.params)
+    gb = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=parallel.batch_sharding(s.mesh)) for k, v in batch.items()}
+    fn = jax.jit(jax.value_and_grad(lambda p, b: s.task.loss_fn(p, b, jax.random.PRNGKey(1))[0]))
+    return fn.lower(params, gb).compile()
+
+
+def _shapes(compiled) -> set:
+  """Every array shape in the optimized per-device HLO."""
+  return {tuple(int(d) for d in m.split(",")) for m in re.findall(r"[fsu]\d+\[(\d+(?:,\d+)*)\]", compiled.as_text())}
+
+
+GLOBAL_BATCH = 264  # 8 x 33: a number no model dimension here has
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_activations_are_split_over_the_mesh_not_replicated(data_dir, family):
+  """An activation XLA silently replicated would sit whole on every device. On DP8 no per-device
+  array has the global batch dimension; on FSDP4 x TP2 no array holds a quarter of the batch with
+  the whole MLP width (512); and per-device temporary memory shrinks to about 1/8 of one device's."""
+  cfg = _config(data_dir, family)
+  s = train.build(cfg, devices=jax.devices()[:1])
+  batch = next(pipeline.train_batches(cfg.input, data_dir, 0, GLOBAL_BATCH, tokenizer=getattr(s.task, "tokenizer", None)))
+  one = _compiled_step(cfg, jax.devices()[:1], batch).memory_analysis().temp_size_in_bytes
+  dp = _compiled_step(_config(data_dir, family, mesh=MESHES["dp8"]), jax.devices()[:8], batch)
+  tp = _compiled_step(_config(data_dir, family, mesh=MESHES["fsdp4_tp2"]), jax.devices()[:8], batch)
+  assert [x for x in _shapes(dp) if GLOBAL_BATCH in x] == []
+  assert [x for x in _shapes(tp) if GLOBAL_BATCH // 4 in x and 512 in x] == []
+  ratios = {name: c.memory_analysis().temp_size_in_bytes / one for name, c in (("dp8", dp), ("fsdp4_tp2", tp))}
+  print(family, {k: round(v, 3) for k, v in ratios.items()}, f"one device: {one / 2**20:.1f} MiB")
+  assert ratios["dp8"] <= 0.2 and ratios["fsdp4_tp2"] <= 0.3, ratios  # ideal: 0.125
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
