@@ -4,7 +4,8 @@ Subcommands (each prints a table and ends with one JSON line of the same figures
   train-vit        train-step images/s of our ViT (the trainer's jitted step, AdamW) vs Hugging Face
                    PyTorch ViTForImageClassification of the same architecture, batch and optimizer,
                    timed in interleaved rounds in one process (medians); TFLOP/s and MFU from the
-                   analytic FLOP count (vlm_jax.flops).
+                   analytic FLOP count (vlm_jax.flops). `--profile DIR` also traces our step
+                   (jax.profiler) and prints the time per XLA op kind (dots, copies, fusions).
   train-captioner  the same for our Captioner (ViT + cross-attention decoder) vs a
                    VisionEncoderDecoderModel (ViT + GPT-2 with cross-attention).
   compile          compile time of the ViT train step, scanned vs unrolled layers, at several depths.
@@ -23,6 +24,7 @@ thread pool) and sets torch.set_num_threads(N); the default is every core the pr
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -239,14 +241,54 @@ def _compare(a, ours, theirs, flops_per_image, what, tokens=0):
   return out
 
 
+def _op_kind(name: str) -> str:
+  """XLA thunk name -> its kind: "ynn_fusion.569" -> "ynn_fusion"."""
+  return re.sub(r"\.\d+$", "", name)
+
+
+def profile_ops(run, directory: str, steps: int = 2, top: int = 15) -> list:
+  """Traces `steps` steps of `run` (jax.profiler, perfetto trace under `directory`) and returns the
+  XLA ops' time per step by kind, largest first: [(kind, ms per step, calls per step)]."""
+  import glob
+  import gzip
+  run(1)
+  with jax.profiler.trace(directory, create_perfetto_trace=True):
+    run(steps)
+  path = sorted(glob.glob(os.path.join(directory, "**", "*perfetto_trace.json.gz"), recursive=True))[-1]
+  with gzip.open(path) as f:
+    trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  ms, calls = {}, {}
+  for e in events:
+    name = e.get("name", "")
+    # Thunks only: python frames ("$..."), the executor's own spans and end markers are not ops.
+    if e.get("ph") != "X" or "dur" not in e or name.startswith(("$", "end: ")) or "::" in name or "(" in name:
+      continue
+    k = _op_kind(name)
+    ms[k] = ms.get(k, 0.0) + e["dur"] / 1e3 / steps
+    calls[k] = calls.get(k, 0) + 1
+  rows = sorted(((k, v, calls[k] // steps) for k, v in ms.items()), key=lambda r: -r[1])
+  print(f"XLA ops by kind (trace in {directory}):")
+  print(f"{'op kind':>28} {'ms/step':>9} {'calls':>6}")
+  for k, v, n in rows[:top]:
+    print(f"{k:>28} {v:>9.1f} {n:>6}")
+  return rows
+
+
 def bench_train_vit(a):
   run, fl, batch = _vit_step(a)
-  return _compare(a, run, None if a.no_hf else _torch_vit(a, batch), fl, "train-vit")
+  out = _compare(a, run, None if a.no_hf else _torch_vit(a, batch), fl, "train-vit")
+  if a.profile:
+    out["ops_ms_per_step"] = {k: v for k, v, _ in profile_ops(run, a.profile)[:15]}
+  return out
 
 
 def bench_train_captioner(a):
   run, fl, batch = _caption_step(a)
-  return _compare(a, run, None if a.no_hf else _torch_captioner(a, batch), fl, "train-captioner", a.text_len)
+  out = _compare(a, run, None if a.no_hf else _torch_captioner(a, batch), fl, "train-captioner", a.text_len)
+  if a.profile:
+    out["ops_ms_per_step"] = {k: v for k, v, _ in profile_ops(run, a.profile)[:15]}
+  return out
 
 
 def bench_compile(a):
@@ -324,6 +366,7 @@ def _train_args(p):
   p.add_argument("--steps", type=int, default=2, help="train steps per round and framework")
   p.add_argument("--no-hf", action="store_true", help="time only vlm_jax (e.g. where torch is absent)")
   p.add_argument("--peak-tflops", type=float, default=0.0, help="per-device peak for MFU (0: table / measured)")
+  p.add_argument("--profile", default="", help="also trace 2 of our steps into this folder and print ms per XLA op kind")
 
 
 def bench_siglip_loss(a):

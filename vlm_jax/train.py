@@ -297,7 +297,7 @@ def train(cfg, workdir: str, stop: preemption.StopSignal = None) -> dict:
   local_batch = cfg.batch_size // s.host.count
   text_stats = pipeline.TextStats()
   batches = pipeline.train_batches(cfg.input, cfg.data_dir, cfg.seed, local_batch, start, s.host,
-                                   getattr(s.task, "tokenizer", None), text_stats)
+                                   getattr(s.task, "tokenizer", None), text_stats, stop_step=cfg.total_steps)
   train_step = make_train_step(s)
   progress = vlog.Progress(cfg.total_steps, start, enabled=lead)
   example = s.task.dummy_batch(1)

@@ -154,8 +154,12 @@ def tokenize(batch: dict, inp, tok, train: bool, stats: TextStats = None) -> dic
 
 
 def train_batches(inp, data_dir: str, seed: int, local_batch: int, start_step: int = 0,
-                  host: Host = Host(), tokenizer=None, stats: TextStats = None) -> Iterator[dict]:
-  """Infinite iterator of training batches starting at `start_step` (text counts into `stats`)."""
+                  host: Host = Host(), tokenizer=None, stats: TextStats = None,
+                  stop_step: int = None) -> Iterator[dict]:
+  """Iterator of training batches from `start_step` (text counts into `stats`), up to `stop_step`
+  or forever. With `stop_step` the dataset ends there, so when training ends no tf.data thread is
+  busy filling the next epoch's shuffle buffer, which the iterator's teardown would wait for
+  (minutes with a large buffer on a busy CPU)."""
   builder = sources.open_source(inp.data, data_dir)
   split, n = _host_split(builder, inp.train_split, host)
   raw = _raw(builder, split, inp.image_key).enumerate()
@@ -175,7 +179,10 @@ def train_batches(inp, data_dir: str, seed: int, local_batch: int, start_step: i
     return _select(ex, inp, img, ex_seed)
 
   ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(local_batch, drop_remainder=True).prefetch(inp.prefetch)
+  ds = ds.batch(local_batch, drop_remainder=True)
+  if stop_step is not None:
+    ds = ds.take(max(stop_step - start_step, 0))
+  ds = ds.prefetch(inp.prefetch)
   if not inp.text:
     return ds.as_numpy_iterator()
   return (tokenize(b, inp, tokenizer, train=True, stats=stats) for b in ds.as_numpy_iterator())

@@ -1,0 +1,22 @@
+"""tools/benchmark.py at toy size: the train-step benchmark prints its JSON line with the published
+fields, and --profile reports where the step's time goes by XLA op kind."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_train_vit_benchmark_reports_speed_and_profile(tmp_path):
+  cmd = [sys.executable, os.path.join(REPO, "tools/benchmark.py"), "--threads", "1", "train-vit", "--width", "32",
+         "--depth", "1", "--heads", "2", "--image-size", "32", "--patch", "8", "--batch", "4", "--rounds", "1",
+         "--steps", "1", "--no-hf", "--profile", str(tmp_path / "trace")]
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out["benchmark"] == "train-vit" and out["vlm_jax_images_per_s"] > 0 and 0 < out["mfu"] < 1
+  ops = out["ops_ms_per_step"]
+  assert ops and all(v >= 0 for v in ops.values())
+  assert "XLA ops by kind" in proc.stdout
