@@ -50,12 +50,15 @@ def _config(data_dir, family, **overrides):
   return cfg
 
 
+def _loss_grad_fn(s):
+  return jax.jit(jax.value_and_grad(lambda p, b: s.task.loss_fn(p, b, jax.random.PRNGKey(1))[0]))
+
+
 def _loss_and_grads(s, batch, state=None):
   with s.context():
     state = s.init_state(jax.random.PRNGKey(0)) if state is None else jax.device_put(state, s.state_sharding)
     gb = parallel.shard_batch(batch, s.mesh)
-    fn = jax.jit(jax.value_and_grad(lambda p, b: s.task.loss_fn(p, b, jax.random.PRNGKey(1))[0]))
-    loss, grads = fn(state.params, gb)
+    loss, grads = _loss_grad_fn(s)(state.params, gb)
   return state, float(loss), jax.device_get(grads)
 
 
@@ -105,8 +108,7 @@ def _compiled_step(cfg, devices, batch):
     params = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), params,
                           s.state_sharding.params)
     gb = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=parallel.batch_sharding(s.mesh)) for k, v in batch.items()}
-    fn = jax.jit(jax.value_and_grad(lambda p, b: s.task.loss_fn(p, b, jax.random.PRNGKey(1))[0]))
-    return fn.lower(params, gb).compile()
+    return _loss_grad_fn(s).lower(params, gb).compile()
 
 
 def _shapes(compiled) -> set:
