@@ -238,6 +238,8 @@ def _compare(a, ours, theirs, flops_per_image, what, tokens=0):
       print(f"{name:>10} {v:>9.2f} {v * flops_per_image / 1e12:>8.3f} {mfu:>6}")
   if hf:
     print(f"ratio vlm_jax / hf_torch: {out['ratio']:.2f}")
+  if a.profile:
+    out["ops_ms_per_step"] = {k: v for k, v, _ in profile_ops(run, a.profile)[:15]}
   return out
 
 
@@ -277,18 +279,12 @@ def profile_ops(run, directory: str, steps: int = 2, top: int = 15) -> list:
 
 def bench_train_vit(a):
   run, fl, batch = _vit_step(a)
-  out = _compare(a, run, None if a.no_hf else _torch_vit(a, batch), fl, "train-vit")
-  if a.profile:
-    out["ops_ms_per_step"] = {k: v for k, v, _ in profile_ops(run, a.profile)[:15]}
-  return out
+  return _compare(a, run, None if a.no_hf else _torch_vit(a, batch), fl, "train-vit")
 
 
 def bench_train_captioner(a):
   run, fl, batch = _caption_step(a)
-  out = _compare(a, run, None if a.no_hf else _torch_captioner(a, batch), fl, "train-captioner", a.text_len)
-  if a.profile:
-    out["ops_ms_per_step"] = {k: v for k, v, _ in profile_ops(run, a.profile)[:15]}
-  return out
+  return _compare(a, run, None if a.no_hf else _torch_captioner(a, batch), fl, "train-captioner", a.text_len)
 
 
 def bench_compile(a):

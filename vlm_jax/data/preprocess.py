@@ -75,6 +75,7 @@ def resize(img, size: int):
   x = tf.ensure_shape(x, [size, size, None])
   return tf.cast(x, tf.uint8)
 
+
 def normalize(img, mean, std):
   img = tf.cast(img, tf.float32) / 255.0
   return (img - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
