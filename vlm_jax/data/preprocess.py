@@ -85,7 +85,10 @@ def train_image(encoded, seed, size: int, crop_scale, flip: bool, mean, std):
   img = decode_image(encoded)
   if tuple(crop_scale) != (1.0, 1.0):
     img = inception_crop(img, seed, crop_scale)
-  img = tf.image.resize(img, (size, size), method="bilinear", antialias=True)
+  shape = tf.shape(img)
+  img = tf.cond(tf.logical_and(shape[0] == size, shape[1] == size),  # already the size: skip the resampling
+                lambda: tf.cast(img, tf.float32),
+                lambda: tf.image.resize(img, (size, size), method="bilinear", antialias=True))
   if flip:
     img = tf.image.stateless_random_flip_left_right(img, seed=seed + 1)
   return normalize(img, mean, std)
