@@ -66,6 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
       label_key="label",
       image_size=64,
       shuffle_buffer_size=50_000,
+      # Keep this process's decoded train images in memory after the first epoch (uint8, H*W*3
+      # bytes each: for small datasets such as shapes, where decoding competes with the step).
+      cache_decoded=False,
       random_crop_scale=(1.0, 1.0),  # (min, max) area fraction of an Inception-style crop
       flip=False,
       mean=(0.5, 0.5, 0.5),

@@ -37,6 +37,17 @@ def test_resume_mid_epoch_and_across_epochs_matches_uninterrupted(tiny_config):
       np.testing.assert_array_equal(batch["label"], full[start + k]["label"])
 
 
+def test_cached_decoded_images_give_the_same_batches_and_resume(tiny_config):
+  inp = tiny_config.input.copy_and_resolve_references()
+  plain = _take(pipeline.train_batches(inp, tiny_config.data_dir, 0, 16), 45)  # 1.2 epochs
+  inp.cache_decoded = True
+  cached = _take(pipeline.train_batches(inp, tiny_config.data_dir, 0, 16), 45)
+  resumed = _take(pipeline.train_batches(inp, tiny_config.data_dir, 0, 16, start_step=40), 3)
+  for x, y in zip(plain + plain[40:43], cached + resumed):
+    np.testing.assert_array_equal(x["image"], y["image"])
+    np.testing.assert_array_equal(x["label"], y["label"])
+
+
 def test_epochs_are_reshuffled(tiny_config):
   full = _take(pipeline.train_batches(tiny_config.input, tiny_config.data_dir, 0, 100), 12)
   assert not np.array_equal(full[0]["label"], full[6]["label"])  # epoch 0 vs epoch 1 start

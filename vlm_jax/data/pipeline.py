@@ -162,7 +162,11 @@ def train_batches(inp, data_dir: str, seed: int, local_batch: int, start_step: i
   (minutes with a large buffer on a busy CPU)."""
   builder = sources.open_source(inp.data, data_dir)
   split, n = _host_split(builder, inp.train_split, host)
-  raw = _raw(builder, split, inp.image_key).enumerate()
+  raw = _raw(builder, split, inp.image_key)
+  if inp.cache_decoded:  # decoded once, in the first epoch; later epochs read memory
+    raw = raw.map(lambda ex: {**ex, inp.image_key: preprocess.decode_image(ex[inp.image_key])},
+                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).cache()
+  raw = raw.enumerate()
   buffer = int(min(n, inp.shuffle_buffer_size))
 
   def epoch(e):

@@ -11,6 +11,9 @@ import tensorflow as tf
 
 
 def decode_image(encoded) -> tf.Tensor:
+  """uint8 [H, W, 3] from PNG/JPEG/... bytes (an already decoded uint8 image passes through)."""
+  if encoded.dtype == tf.uint8:
+    return encoded
   img = tf.io.decode_image(encoded, channels=3, expand_animations=False)
   img.set_shape([None, None, 3])
   return img
