@@ -42,11 +42,16 @@ def _obj(bbox):
 
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
-  """shapes/tiny built twice: tfrecord in one dir, array_record in another."""
+  """shapes/tiny built twice: tfrecord in one dir, in this process; array_record in another,
+  rendered by worker processes as the default config is."""
   d_rec = str(tmp_path_factory.mktemp("tfrecord"))
   d_ar = str(tmp_path_factory.mktemp("array_record"))
   shapes.prepare("shapes/tiny", d_rec)
-  shapes.prepare("shapes/tiny", d_ar, file_format="array_record")
+  per_worker, shapes._PER_WORKER = shapes._PER_WORKER, 40
+  try:
+    shapes.prepare("shapes/tiny", d_ar, file_format="array_record")
+  finally:
+    shapes._PER_WORKER = per_worker
   return d_rec, d_ar
 
 
