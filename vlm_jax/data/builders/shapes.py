@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import multiprocessing
 import os
+import warnings
 
 import tensorflow_datasets as tfds
 
@@ -105,9 +106,14 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
       for i in range(num_examples):
         yield i, make(i)
       return
-    # Rendering is pure numpy/PIL, so forked workers never touch the parent's TensorFlow state;
-    # examples are still a function of (split, index), so the build is identical.
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
+    # Rendering is pure numpy/PIL (no BLAS), so forked workers never touch a lock of the parent's
+    # JAX or TensorFlow threads, and JAX's generic fork warning does not apply. Examples are still
+    # a function of (split, index), so the build is identical. ("spawn" would re-import
+    # TensorFlow in every worker, which costs most of what the workers save.)
+    with warnings.catch_warnings():
+      warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+      pool = multiprocessing.get_context("fork").Pool(workers)
+    with pool:
       yield from enumerate(pool.imap(make, range(num_examples), chunksize=250))
 
 
