@@ -47,9 +47,10 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
   216 possible captions). Each of the 24 label classes holds 3.7-4.4% of train.
 
   Generating `default` (24k examples at 64 px, tfrecord, ~205 MB) takes about
-  25 s on 2 CPU cores (one rendering process per core). With file_format="array_record" read it through
-  `tfds.data_source` / `builder.as_data_source()` (tfds cannot make a
-  tf.data pipeline from array_record files).
+  25 s on 2 CPU cores (one rendering process per core). With
+  file_format="array_record" read it through `tfds.data_source` /
+  `builder.as_data_source()` (tfds cannot make a tf.data pipeline from
+  array_record files).
   """
 
   VERSION = tfds.core.Version("1.0.0")
