@@ -83,7 +83,7 @@ def _vit_config(a, scan=None):
   c.task, c.batch_size, c.total_steps = "classification", a.batch, 1000
   c.model.update(dict(patch_size=a.patch, width=a.width, depth=a.depth, num_heads=a.heads, mlp_dim=4 * a.width,
                       pool="cls", ln_eps=1e-12, scan_layers=a.scan if scan is None else scan, remat="none",
-                      dtype=a.dtype, param_dtype="float32"))
+                      dtype=a.dtype, param_dtype="float32", dtype_mm=a.dtype_mm))
   c.input.image_size = a.image_size
   c.optimizer.grad_clip_norm = 0.0  # the PyTorch loop does not clip either
   return c
@@ -115,9 +115,10 @@ def _caption_step(a):
   """Our Captioner (CLS-pooled ViT encoder, so 197 tokens like HF's ViTModel) + AdamW, jitted."""
   model = Captioner(encoder=dict(patch_size=a.patch, width=a.width, depth=a.depth, num_heads=a.heads,
                                  mlp_dim=4 * a.width, pool="cls", ln_eps=1e-12, scan_layers=a.scan,
-                                 dtype=_dtype(a.dtype)),
+                                 dtype=_dtype(a.dtype), dtype_mm=_dtype(a.dtype_mm)),
                     decoder=dict(vocab_size=a.vocab, width=a.width, depth=a.dec_depth, num_heads=a.heads,
-                                 mlp_dim=4 * a.width, max_len=a.text_len, scan_layers=a.scan, dtype=_dtype(a.dtype)))
+                                 mlp_dim=4 * a.width, max_len=a.text_len, scan_layers=a.scan, dtype=_dtype(a.dtype),
+                                 dtype_mm=_dtype(a.dtype_mm)))
   rng = np.random.default_rng(0)
   batch = {"image": rng.standard_normal((a.batch, a.image_size, a.image_size, 3), np.float32),
            "tokens": rng.integers(1, a.vocab, (a.batch, a.text_len + 1)).astype(np.int32)}
@@ -150,7 +151,17 @@ def _dtype(name):
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
-def _torch_vit(a, batch):
+def _torch_runs(a, build):
+  """The PyTorch peer's step(s): f32 (what `transformers` trains in by default) and, when our step
+  multiplies in bf16 (`--dtype` or `--dtype-mm`), also under bf16 autocast (PyTorch's mixed
+  precision: bf16 matmuls, f32 softmax / norms / weights), each on its own model and optimizer."""
+  runs = {"hf_torch": build(a, False)}
+  if "bfloat16" in (a.dtype, a.dtype_mm):
+    runs["hf_torch_bf16"] = build(a, True)
+  return runs
+
+
+def _torch_vit(a, batch, autocast=False):
   import torch
   from transformers import ViTConfig, ViTForImageClassification
   dev = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
@@ -159,10 +170,10 @@ def _torch_vit(a, batch):
                                               num_labels=1000)).to(dev)
   x = torch.from_numpy(batch["image"].transpose(0, 3, 1, 2).copy()).to(dev)
   y = torch.from_numpy(batch["label"].astype(np.int64)).to(dev)
-  return _torch_loop(model, dev, lambda: model(pixel_values=x, labels=y).loss, a)
+  return _torch_loop(model, dev, lambda: model(pixel_values=x, labels=y).loss, autocast)
 
 
-def _torch_captioner(a, batch):
+def _torch_captioner(a, batch, autocast=False):
   import torch
   from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig, ViTModel, VisionEncoderDecoderModel
   dev = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
@@ -179,14 +190,14 @@ def _torch_captioner(a, batch):
   def loss():
     logits = model(pixel_values=x, decoder_input_ids=tokens[:, :-1]).logits
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
-  return _torch_loop(model, dev, loss, a)
+  return _torch_loop(model, dev, loss, autocast)
 
 
-def _torch_loop(model, dev, loss_fn, a):
+def _torch_loop(model, dev, loss_fn, bf16):
   import torch
   model.train()
   opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
-  autocast = torch.autocast(dev, dtype=torch.bfloat16, enabled=a.dtype == "bfloat16")
+  autocast = torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16)
 
   def run(n):
     if dev == "cuda":
@@ -205,39 +216,41 @@ def _torch_loop(model, dev, loss_fn, a):
 
 
 def _compare(a, ours, theirs, flops_per_image, what, tokens=0):
-  """Interleaved timing rounds of both steps; medians, ratio, TFLOP/s and MFU."""
+  """Interleaved timing rounds of our step and each peer step in `theirs` ({name: run}); medians,
+  ratios (`ratio` against the f32 peer `hf_torch`, `ratio_<name>` against the others), TFLOP/s, MFU."""
   run = ours
   t = time.perf_counter()
   run(1)
   compile_s = time.perf_counter() - t
-  if theirs:
-    theirs(1)
-  mine, hf = [], []
+  for peer in theirs.values():
+    peer(1)
+  mine, hf = [], {name: [] for name in theirs}
   for r in range(a.rounds):
     mine.append(a.batch * a.steps / run(a.steps))
-    if theirs:
-      hf.append(a.batch * a.steps / theirs(a.steps))
-    print(f"round {r}: vlm_jax {mine[-1]:.2f} img/s" + (f", hf_torch {hf[-1]:.2f} img/s" if hf else ""), flush=True)
+    for name, peer in theirs.items():
+      hf[name].append(a.batch * a.steps / peer(a.steps))
+    print(f"round {r}: vlm_jax {mine[-1]:.2f} img/s" + "".join(f", {n} {v[-1]:.2f} img/s" for n, v in hf.items()),
+          flush=True)
   ips = statistics.median(mine)
   peak = flops.peak_flops_per_device(a.peak_tflops)
   out = {"benchmark": what, "device": jax.devices()[0].device_kind, "threads": a.threads, "dtype": a.dtype,
-         "batch": a.batch, "rounds": a.rounds, "steps_per_round": a.steps, "compile_s": compile_s,
-         "vlm_jax_images_per_s": ips, "vlm_jax_tflops": ips * flops_per_image / 1e12,
+         "dtype_mm": a.dtype_mm, "batch": a.batch, "rounds": a.rounds, "steps_per_round": a.steps,
+         "compile_s": compile_s, "vlm_jax_images_per_s": ips, "vlm_jax_tflops": ips * flops_per_image / 1e12,
          "peak_tflops": peak / 1e12 if peak else None, "mfu": ips * flops_per_image / peak if peak else None}
   if tokens:
     out["vlm_jax_tokens_per_s"] = ips * tokens
-  if hf:
-    out["hf_torch_images_per_s"] = statistics.median(hf)
-    out["hf_torch_mfu"] = out["hf_torch_images_per_s"] * flops_per_image / peak if peak else None
-    out["ratio"] = ips / out["hf_torch_images_per_s"]
-    out["ratio_of_round_medians"] = statistics.median([m / h for m, h in zip(mine, hf)])
-  print(f"{'framework':>10} {'images/s':>9} {'TFLOP/s':>8} {'MFU':>6}")
-  for name, v in (("vlm_jax", ips), ("hf_torch", out.get("hf_torch_images_per_s"))):
-    if v:
-      mfu = f"{v * flops_per_image / peak:.3f}" if peak else "n/a"
-      print(f"{name:>10} {v:>9.2f} {v * flops_per_image / 1e12:>8.3f} {mfu:>6}")
-  if hf:
-    print(f"ratio vlm_jax / hf_torch: {out['ratio']:.2f}")
+  for name, v in hf.items():
+    suffix = "" if name == "hf_torch" else name[len("hf_torch"):]
+    out[f"{name}_images_per_s"] = statistics.median(v)
+    out[f"{name}_mfu"] = out[f"{name}_images_per_s"] * flops_per_image / peak if peak else None
+    out[f"ratio{suffix}"] = ips / out[f"{name}_images_per_s"]
+    out[f"ratio{suffix}_of_round_medians"] = statistics.median([m / h for m, h in zip(mine, v)])
+  print(f"{'framework':>14} {'images/s':>9} {'TFLOP/s':>8} {'MFU':>6}")
+  for name, v in (("vlm_jax", ips), *((n, out[f"{n}_images_per_s"]) for n in hf)):
+    mfu = f"{v * flops_per_image / peak:.3f}" if peak else "n/a"
+    print(f"{name:>14} {v:>9.2f} {v * flops_per_image / 1e12:>8.3f} {mfu:>6}")
+  for name in hf:
+    print(f"ratio vlm_jax / {name}: {ips / out[f'{name}_images_per_s']:.2f}")
   if a.profile:
     out["ops_ms_per_step"] = {k: v for k, v, _ in profile_ops(run, a.profile)[:15]}
   return out
@@ -279,12 +292,14 @@ def profile_ops(run, directory: str, steps: int = 2, top: int = 15) -> list:
 
 def bench_train_vit(a):
   run, fl, batch = _vit_step(a)
-  return _compare(a, run, None if a.no_hf else _torch_vit(a, batch), fl, "train-vit")
+  return _compare(a, run, {} if a.no_hf else _torch_runs(a, lambda a, bf16: _torch_vit(a, batch, bf16)), fl,
+                  "train-vit")
 
 
 def bench_train_captioner(a):
   run, fl, batch = _caption_step(a)
-  return _compare(a, run, None if a.no_hf else _torch_captioner(a, batch), fl, "train-captioner", a.text_len)
+  return _compare(a, run, {} if a.no_hf else _torch_runs(a, lambda a, bf16: _torch_captioner(a, batch, bf16)), fl,
+                  "train-captioner", a.text_len)
 
 
 def bench_compile(a):
@@ -357,6 +372,8 @@ def _model_args(p, width=192, depth=12, heads=3, image_size=224, batch=32):
 def _train_args(p):
   _model_args(p)
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype (params stay f32)")
+  p.add_argument("--dtype-mm", default="float32", choices=["float32", "bfloat16"],
+                 help="our matmul operands (model.dtype_mm: bf16 products, f32 accumulation and activations)")
   p.add_argument("--scan", action="store_true", help="scan over layers (default: unrolled, faster on CPU)")
   p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (medians are reported)")
   p.add_argument("--steps", type=int, default=2, help="train steps per round and framework")

@@ -2,7 +2,8 @@
 
 Parameters carry logical axis names (`embed`, `mlp`, `heads`, `kv`, `vocab`, ...) and large
 activations are constrained with `act_*` names; `vlm_jax.parallel.RULES` maps them to the mesh.
-Attention weights are stored head-major as [embed, heads, head_dim] (q/k/v) and
+Every matmul goes through `precision.dot_general(dtype_mm)` (bf16 operands with f32 accumulation
+when `dtype_mm="bfloat16"`). Attention weights are stored head-major as [embed, heads, head_dim] (q/k/v) and
 [heads, head_dim, embed] (output), which maps one-to-one onto Hugging Face's Linear layers.
 MultiHeadAttention also owns the decoding KV cache (flax "cache" collection): self-attention
 appends keys/values at `cache_index`; cross-attention projects the context once and reuses it.
@@ -13,6 +14,8 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from vlm_jax.models.precision import dot_general
 
 Dtype = Any
 
@@ -73,18 +76,20 @@ class Mlp(nn.Module):
   gelu_approximate: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  dtype_mm: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
     d = x.shape[-1]
+    dg = dot_general(self.dtype_mm)
     init = nn.initializers.xavier_uniform()
-    h = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1",
+    h = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1", dot_general=dg,
                  kernel_init=logical(init, ("embed", "mlp")),
                  bias_init=logical(nn.initializers.normal(1e-6), ("mlp",)))(x)
     h = nn.gelu(h, approximate=self.gelu_approximate)
     h = constrain(h, ("act_batch", "act_length", "act_mlp"))
     h = nn.Dropout(self.dropout)(h, deterministic)
-    return nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2",
+    return nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2", dot_general=dg,
                     kernel_init=logical(init, ("mlp", "embed")),
                     bias_init=logical(nn.initializers.normal(1e-6), ("embed",)))(h)
 
@@ -104,12 +109,14 @@ class MultiHeadAttention(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  dtype_mm: Dtype = jnp.float32
 
   def _proj(self, name, x, heads, head_dim):
     d = x.shape[-1]
     k = self.param(f"{name}_kernel", logical(nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2)),
                                               ("embed", "heads", "kv")), (d, heads, head_dim), self.param_dtype)
-    y = jnp.einsum("btd,dhk->bthk", x.astype(self.dtype), k.astype(self.dtype))
+    y = jnp.einsum("btd,dhk->bthk", x.astype(self.dtype), k.astype(self.dtype),
+                   _dot_general=dot_general(self.dtype_mm))
     if self.qkv_bias:
       b = self.param(f"{name}_bias", logical(nn.initializers.zeros, ("heads", "kv")), (heads, head_dim), self.param_dtype)
       y = y + b.astype(self.dtype)
@@ -137,6 +144,7 @@ class MultiHeadAttention(nn.Module):
     if d % self.num_heads:
       raise ValueError(f"width {d} is not divisible by num_heads {self.num_heads}")
     hd = d // self.num_heads
+    dg = dot_general(self.dtype_mm)
     q = self._proj("query", x, self.num_heads, hd)
     cross = context is not None or (decode and self.has_variable("cache", "cached_cross_key"))
     if cross and decode and self.has_variable("cache", "cached_cross_key"):
@@ -157,16 +165,16 @@ class MultiHeadAttention(nn.Module):
       extra = jnp.tril(jnp.ones((t, t), bool))[None, None]
     if extra is not None:
       mask = extra if mask is None else jnp.logical_and(mask, extra)
-    logits = jnp.einsum("bqhk,bthk->bhqt", q, k) / jnp.sqrt(hd).astype(self.dtype)
+    logits = jnp.einsum("bqhk,bthk->bhqt", q, k, _dot_general=dg) / jnp.sqrt(hd).astype(self.dtype)
     if mask is not None:
       logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
     weights = nn.Dropout(self.dropout)(weights, deterministic)
-    out = jnp.einsum("bhqt,bthk->bqhk", weights, v)
+    out = jnp.einsum("bhqt,bthk->bqhk", weights, v, _dot_general=dg)
     wo = self.param("out_kernel", logical(nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2),
                                           ("heads", "kv", "embed")), (self.num_heads, hd, d), self.param_dtype)
     bo = self.param("out_bias", logical(nn.initializers.zeros, ("embed",)), (d,), self.param_dtype)
-    y = jnp.einsum("bqhk,hkd->bqd", out, wo.astype(self.dtype)) + bo.astype(self.dtype)
+    y = jnp.einsum("bqhk,hkd->bqd", out, wo.astype(self.dtype), _dot_general=dg) + bo.astype(self.dtype)
     return constrain(y, BTD)
 
 
@@ -192,16 +200,18 @@ class EncoderBlock(nn.Module):
   deterministic: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  dtype_mm: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, mask=None):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    mm = dict(kw, dtype_mm=self.dtype_mm)
     drop = lambda y: nn.Dropout(self.dropout)(y, self.deterministic)
     x = constrain(x, BTD)
     ln1 = layer_norm(self.ln_eps, name="ln1", **kw)
     ln2 = layer_norm(self.ln_eps, name="ln2", **kw)
-    attn = MultiHeadAttention(self.num_heads, name="attn", **kw)
-    mlp = Mlp(self.mlp_dim, dropout=self.dropout, gelu_approximate=self.gelu_approximate, name="mlp", **kw)
+    attn = MultiHeadAttention(self.num_heads, name="attn", **mm)
+    mlp = Mlp(self.mlp_dim, dropout=self.dropout, gelu_approximate=self.gelu_approximate, name="mlp", **mm)
     if self.post_ln:
       x = ln1(x + drop(attn(x, mask=mask, deterministic=self.deterministic)))
       x = ln2(x + drop(mlp(x, self.deterministic)))

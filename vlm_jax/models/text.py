@@ -53,23 +53,25 @@ class DecoderBlock(nn.Module):
   deterministic: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  dtype_mm: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, encoded, self_mask=None):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    mm = dict(kw, dtype_mm=self.dtype_mm)
     drop = lambda y: nn.Dropout(self.dropout)(y, self.deterministic)
     x = constrain(x, BTD)
     y = layer_norm(self.ln_eps, name="ln1", **kw)(x)
-    y = MultiHeadAttention(self.num_heads, name="self_attn", **kw)(
+    y = MultiHeadAttention(self.num_heads, name="self_attn", **mm)(
         y, mask=self_mask, deterministic=self.deterministic, causal=self.causal, decode=self.decode,
         cache_len=self.max_len)
     x = x + drop(y)
     y = layer_norm(self.ln_eps, name="ln_cross", **kw)(x)
-    y = MultiHeadAttention(self.num_heads, name="cross_attn", **kw)(
+    y = MultiHeadAttention(self.num_heads, name="cross_attn", **mm)(
         y, context=encoded, deterministic=self.deterministic, decode=self.decode)
     x = x + drop(y)
     y = layer_norm(self.ln_eps, name="ln2", **kw)(x)
-    y = Mlp(self.mlp_dim, gelu_approximate=self.gelu_approximate, name="mlp", **kw)(y, self.deterministic)
+    y = Mlp(self.mlp_dim, gelu_approximate=self.gelu_approximate, name="mlp", **mm)(y, self.deterministic)
     x = x + drop(y)
     return constrain(x, BTD), None
 
@@ -96,6 +98,7 @@ class Decoder(nn.Module):
   remat: str = "none"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  dtype_mm: Dtype = jnp.float32  # matmul operands (see models.precision)
 
   @nn.compact
   def __call__(self, tokens, encoded, *, causal: bool = True, decode: bool = False, deterministic: bool = True):
@@ -136,7 +139,7 @@ class Decoder(nn.Module):
       raise ValueError("encoded may be None only in decode=True calls after the first")
     block_kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, max_len=self.max_len, dropout=self.dropout,
                     ln_eps=self.ln_eps, gelu_approximate=self.gelu_approximate, causal=causal, decode=decode,
-                    deterministic=deterministic, **kw)
+                    deterministic=deterministic, dtype_mm=self.dtype_mm, **kw)
     remat = "none" if decode else self.remat  # nothing to save for a backward pass while decoding
     args = (encoded,) if self_mask is None else (encoded, self_mask)
     x, _ = stack_layers(DecoderBlock, self.depth, self.scan_layers, remat)(block_kw)(x, *args)
@@ -169,6 +172,7 @@ class TextEncoder(nn.Module):
   remat: str = "none"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  dtype_mm: Dtype = jnp.float32  # matmul operands (see models.precision)
 
   @nn.compact
   def __call__(self, tokens, *, deterministic: bool = True):
@@ -193,7 +197,8 @@ class TextEncoder(nn.Module):
     if self.causal:
       mask = jnp.logical_and(mask, jnp.tril(jnp.ones((t, t), bool))[None, None])
     block_kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout, ln_eps=self.ln_eps,
-                    gelu_approximate=self.gelu_approximate, post_ln=bert, deterministic=deterministic, **kw)
+                    gelu_approximate=self.gelu_approximate, post_ln=bert, deterministic=deterministic,
+                    dtype_mm=self.dtype_mm, **kw)
     x, _ = stack_layers(EncoderBlock, self.depth, self.scan_layers, self.remat)(block_kw)(x, mask)
     if not bert:
       x = layer_norm(self.ln_eps, name="norm", **kw)(x)

@@ -32,12 +32,13 @@ class Encoder(nn.Module):
   remat: str = "none"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  dtype_mm: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
     kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout, ln_eps=self.ln_eps,
               gelu_approximate=self.gelu_approximate, deterministic=deterministic, dtype=self.dtype,
-              param_dtype=self.param_dtype)
+              param_dtype=self.param_dtype, dtype_mm=self.dtype_mm)
     x, _ = stack_layers(EncoderBlock, self.depth, self.scan_layers, self.remat)(kw)(x)
     return layer_norm(self.ln_eps, self.dtype, self.param_dtype, "norm")(x)
 
@@ -50,16 +51,18 @@ class MAPHead(nn.Module):
   gelu_approximate: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  dtype_mm: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    mm = dict(kw, dtype_mm=self.dtype_mm)
     probe = self.param("probe", logical(nn.initializers.xavier_uniform(), (None, None, "embed")),
                        (1, 1, x.shape[-1]), self.param_dtype)
     probe = jnp.tile(probe.astype(self.dtype), (x.shape[0], 1, 1))
-    x = MultiHeadAttention(self.num_heads, name="attn", **kw)(probe, context=x)
+    x = MultiHeadAttention(self.num_heads, name="attn", **mm)(probe, context=x)
     y = layer_norm(self.ln_eps, name="ln", **kw)(x)
-    x = x + Mlp(self.mlp_dim, gelu_approximate=self.gelu_approximate, name="mlp", **kw)(y)
+    x = x + Mlp(self.mlp_dim, gelu_approximate=self.gelu_approximate, name="mlp", **mm)(y)
     return x[:, 0]
 
 
@@ -81,6 +84,7 @@ class ViT(nn.Module):
   pre_norm: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  dtype_mm: Dtype = jnp.float32  # matmul operands (see models.precision)
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -103,13 +107,14 @@ class ViT(nn.Module):
       x = layer_norm(self.ln_eps, name="pre_norm", **kw)(x)
     x = nn.Dropout(self.dropout)(x, not train)
     x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.dropout, self.ln_eps, self.gelu_approximate,
-                self.scan_layers, self.remat, name="encoder", **kw)(x, not train)
+                self.scan_layers, self.remat, name="encoder", dtype_mm=self.dtype_mm, **kw)(x, not train)
     if self.pool == "cls":
       pooled = x[:, 0]
     elif self.pool == "gap":
       pooled = x.mean(axis=1)
     elif self.pool == "map":
-      pooled = MAPHead(self.num_heads, self.mlp_dim, self.ln_eps, self.gelu_approximate, name="map_head", **kw)(x)
+      pooled = MAPHead(self.num_heads, self.mlp_dim, self.ln_eps, self.gelu_approximate, name="map_head",
+                       dtype_mm=self.dtype_mm, **kw)(x)
     else:
       pooled = x
     aux = {"tokens": x, "pooled": pooled}

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax.models.layers import logical
+from vlm_jax.models.precision import dot_general
 from vlm_jax.models.text import Decoder, TextEncoder
 from vlm_jax.models.vit import ViT
 
@@ -86,6 +87,7 @@ class TwoTower(nn.Module):
   logit_bias_init: Optional[float] = -10.0  # None: no bias (CLIP)
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  dtype_mm: Any = jnp.float32  # the projections' matmuls; the towers take theirs from image/text
 
   def setup(self):
     img = dict(self.image or {})
@@ -103,7 +105,7 @@ class TwoTower(nn.Module):
       if not proj and width != dim:
         raise ValueError(f"the {which} tower has width {width} but embed_dim is {dim}: set {which}_proj=True")
     dense = lambda name: nn.Dense(dim, use_bias=self.proj_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                                  name=name, kernel_init=logical(nn.initializers.lecun_normal(), ("embed", None)),
+                                  dot_general=dot_general(self.dtype_mm), name=name, kernel_init=logical(nn.initializers.lecun_normal(), ("embed", None)),
                                   bias_init=logical(nn.initializers.zeros, (None,)))
     self.img_proj = dense("img_proj") if self.image_proj else None
     self.txt_proj = dense("txt_proj") if self.text_proj else None

@@ -3,6 +3,7 @@
 import jax.numpy as jnp
 
 from vlm_jax.errors import UserError
+from vlm_jax.models.precision import MM_DTYPES
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -11,9 +12,10 @@ def module_kwargs(model_cfg, exclude=()) -> dict:
   """A config's `model` ConfigDict (or a dict) as keyword arguments of a Flax module (dtype names resolved)."""
   d = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
   kw = {k: v for k, v in d.items() if k not in exclude}
-  for key in ("dtype", "param_dtype"):
+  for key in ("dtype", "param_dtype", "dtype_mm"):
     if key in kw:
-      if kw[key] not in DTYPES:
-        raise UserError(f"model.{key}='{kw[key]}' is not one of {', '.join(DTYPES)}.")
-      kw[key] = DTYPES[kw[key]]
+      allowed = MM_DTYPES if key == "dtype_mm" else DTYPES
+      if kw[key] not in allowed:
+        raise UserError(f"model.{key}='{kw[key]}' is not one of {', '.join(allowed)}.")
+      kw[key] = allowed[kw[key]]
   return kw
