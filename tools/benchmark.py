@@ -232,11 +232,14 @@ def _compare(a, ours, theirs, flops_per_image, what, tokens=0):
     print(f"round {r}: vlm_jax {mine[-1]:.2f} img/s" + "".join(f", {n} {v[-1]:.2f} img/s" for n, v in hf.items()),
           flush=True)
   ips = statistics.median(mine)
-  peak = flops.peak_flops_per_device(a.peak_tflops)
+  peak = flops.peak_flops_per_device(a.peak_tflops, dtype_mm=a.dtype_mm)  # the peak of the matmuls we run
+  peak_f32 = flops.peak_flops_per_device(a.peak_tflops)
   out = {"benchmark": what, "device": jax.devices()[0].device_kind, "threads": a.threads, "dtype": a.dtype,
          "dtype_mm": a.dtype_mm, "batch": a.batch, "rounds": a.rounds, "steps_per_round": a.steps,
          "compile_s": compile_s, "vlm_jax_images_per_s": ips, "vlm_jax_tflops": ips * flops_per_image / 1e12,
-         "peak_tflops": peak / 1e12 if peak else None, "mfu": ips * flops_per_image / peak if peak else None}
+         "peak_tflops": peak / 1e12 if peak else None, "mfu": ips * flops_per_image / peak if peak else None,
+         "peak_f32_tflops": peak_f32 / 1e12 if peak_f32 else None,
+         "mfu_of_f32_peak": ips * flops_per_image / peak_f32 if peak_f32 else None}
   if tokens:
     out["vlm_jax_tokens_per_s"] = ips * tokens
   for name, v in hf.items():
@@ -245,10 +248,13 @@ def _compare(a, ours, theirs, flops_per_image, what, tokens=0):
     out[f"{name}_mfu"] = out[f"{name}_images_per_s"] * flops_per_image / peak if peak else None
     out[f"ratio{suffix}"] = ips / out[f"{name}_images_per_s"]
     out[f"ratio{suffix}_of_round_medians"] = statistics.median([m / h for m, h in zip(mine, v)])
-  print(f"{'framework':>14} {'images/s':>9} {'TFLOP/s':>8} {'MFU':>6}")
+  if peak and peak_f32 and peak != peak_f32:
+    print(f"peaks: {a.dtype_mm} matmuls {peak / 1e12:.3f} TFLOP/s (MFU), f32 {peak_f32 / 1e12:.3f} (MFU f32)")
+  print(f"{'framework':>14} {'images/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'MFU f32':>8}")
   for name, v in (("vlm_jax", ips), *((n, out[f"{n}_images_per_s"]) for n in hf)):
     mfu = f"{v * flops_per_image / peak:.3f}" if peak else "n/a"
-    print(f"{name:>14} {v:>9.2f} {v * flops_per_image / 1e12:>8.3f} {mfu:>6}")
+    mfu32 = f"{v * flops_per_image / peak_f32:.3f}" if peak_f32 else "n/a"
+    print(f"{name:>14} {v:>9.2f} {v * flops_per_image / 1e12:>8.3f} {mfu:>6} {mfu32:>8}")
   for name in hf:
     print(f"ratio vlm_jax / {name}: {ips / out[f'{name}_images_per_s']:.2f}")
   if a.profile:

@@ -103,10 +103,11 @@ def tokens_per_example(batch: dict) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def measured_cpu_peak(n: int = 1024, repeats: int = 5) -> float:
-  """Best f32 matmul FLOP/s of this host over a few jitted n x n x n products."""
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
+def measured_cpu_peak(n: int = 1024, repeats: int = 5, dtype: str = "float32") -> float:
+  """Best matmul FLOP/s of this host over a few jitted n x n x n products of `dtype` operands
+  accumulated in f32 (a bf16 product runs on AVX512_BF16 / AMX where the CPU has them)."""
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
   jax.block_until_ready(f(a))
   best = float("inf")
   for _ in range(repeats):
@@ -116,13 +117,14 @@ def measured_cpu_peak(n: int = 1024, repeats: int = 5) -> float:
   return 2 * n ** 3 / best
 
 
-def peak_flops_per_device(override_tflops: float = 0.0, device=None):
-  """Peak FLOP/s of one device: the override, the bf16 table, or (CPU) measured; None if unknown."""
+def peak_flops_per_device(override_tflops: float = 0.0, device=None, dtype_mm: str = "float32"):
+  """Peak FLOP/s of one device: the override, the bf16 table, or (CPU) measured for the model's
+  matmul operand dtype (`model.dtype_mm`); None if unknown."""
   if override_tflops:
     return override_tflops * 1e12
   device = device or jax.local_devices()[0]
   if device.platform == "cpu":
-    return measured_cpu_peak() / jax.local_device_count()
+    return measured_cpu_peak(dtype=jnp.dtype(dtype_mm).name) / jax.local_device_count()
   kind = device.device_kind.lower()
   for key, tflops in PEAK_BF16_TFLOPS:
     if key in kind:

@@ -302,7 +302,7 @@ def train(cfg, workdir: str, stop: preemption.StopSignal = None) -> dict:
   progress = vlog.Progress(cfg.total_steps, start, enabled=lead)
   example = s.task.dummy_batch(1)
   cost = (flops.train_flops(s.task.model, example), flops.tokens_per_example(example), jax.device_count(),
-          flops.peak_flops_per_device(cfg.get("peak_tflops", 0.0)))
+          flops.peak_flops_per_device(cfg.get("peak_tflops", 0.0), dtype_mm=cfg.model.get("dtype_mm", "float32")))
   last_eval, t0, n0, skipped = {}, time.perf_counter(), start, 0
   for step in range(start + 1, cfg.total_steps + 1):
     with s.context():
