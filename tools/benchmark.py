@@ -436,7 +436,7 @@ def main(argv=None):
   c = sub.add_parser("compile", help="compile time, scanned vs unrolled layers")
   _model_args(c)
   c.add_argument("--depths", type=int, nargs="+", default=[2, 12, 24])
-  c.set_defaults(dtype="float32", scan=False)
+  c.set_defaults(dtype="float32", dtype_mm="float32", scan=False)
   i = sub.add_parser("input", help="input pipeline images/s vs train step images/s")
   i.add_argument("--recipes", nargs="+", default=["configs/vit_shapes.py", "configs/cappa_shapes.py"])
   i.add_argument("--data-dir", default="")
