@@ -3,8 +3,9 @@
 Parameters carry logical axis names (`embed`, `mlp`, `heads`, `kv`, `vocab`, ...) and large
 activations are constrained with `act_*` names; `vlm_jax.parallel.RULES` maps them to the mesh.
 Every matmul goes through `precision.dot_general(dtype_mm)` (bf16 operands with f32 accumulation
-when `dtype_mm="bfloat16"`). Attention weights are stored head-major as [embed, heads, head_dim] (q/k/v) and
-[heads, head_dim, embed] (output), which maps one-to-one onto Hugging Face's Linear layers.
+when `dtype_mm="bfloat16"`). Attention weights are stored head-major as [embed, heads, head_dim]
+(q/k/v) and [heads, head_dim, embed] (output), which maps one-to-one onto Hugging Face's Linear
+layers.
 MultiHeadAttention also owns the decoding KV cache (flax "cache" collection): self-attention
 appends keys/values at `cache_index`; cross-attention projects the context once and reuses it.
 """
