@@ -204,10 +204,8 @@ def test_bf16_matmuls_shard_like_one_device(data_dir):
   # bf16 rounding of a cotangent can flip where the sharded sums differ in the last f32 bit, so a
   # few elements move by a bf16 step: compare each gradient as a whole (key biases get only noise,
   # attention being invariant to them, hence the absolute floor).
-  for path, a in jax.tree_util.tree_flatten_with_path(g1)[0]:
-    b = g8
-    for k in path:
-      b = b[k.key]
+  def close(path, a, b):
     assert np.linalg.norm(a - b) <= 1e-2 * np.linalg.norm(a) + 1e-5, jax.tree_util.keystr(path)
+  jax.tree_util.tree_map_with_path(close, g1, g8)
   tp = _compiled_step(cfg, jax.devices()[:8], batch)
   assert [x for x in _shapes(tp) if 32 in x and 512 in x] == []  # no [batch, ..., mlp] array kept whole

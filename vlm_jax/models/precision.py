@@ -35,13 +35,17 @@ def _row_major(x, perm: Sequence[int]):
   return y.reshape(y.shape[:-1])
 
 
+def _free(ndim, contracting, batch):
+  """The axes of an operand that are neither contracted nor batched, in order."""
+  return [i for i in range(ndim) if i not in contracting and i not in batch]
+
+
 def _dot(a, b, dims):
   """dot_general(a, b, dims) with f32 accumulation, as one [B, M, K] x [B, K, N] (or 2-D) dot on
   row-major operands; the result has dot_general's usual order [batch, a free, b free]. Merging the
   axes also keeps XLA from folding the transposes back into the dot."""
   (ac, bc), (ab, bb) = dims
-  a_free = [i for i in range(a.ndim) if i not in ac and i not in ab]
-  b_free = [i for i in range(b.ndim) if i not in bc and i not in bb]
+  a_free, b_free = _free(a.ndim, ac, ab), _free(b.ndim, bc, bb)
   batch = [a.shape[i] for i in ab]
   m, k, n = (math.prod(a.shape[i] for i in a_free), math.prod(a.shape[i] for i in ac),
              math.prod(b.shape[i] for i in b_free))
@@ -58,8 +62,7 @@ def _dot(a, b, dims):
 def _grad_lhs(g, b, a_ndim, dims):
   """d(lhs) = g . b^T over b's free axes, returned in lhs's axis order."""
   (ac, bc), (ab, bb) = dims
-  a_free = [i for i in range(a_ndim) if i not in ac and i not in ab]
-  b_free = [i for i in range(b.ndim) if i not in bc and i not in bb]
+  a_free, b_free = _free(a_ndim, ac, ab), _free(b.ndim, bc, bb)
   nb = len(ab)
   g_bfree = list(range(nb + len(a_free), g.ndim))
   out = _dot(g, b, ((g_bfree, b_free), (list(range(nb)), list(bb))))
@@ -72,8 +75,7 @@ def _grad_rhs(g, a, b_ndim, dims):
   """d(rhs) = a^T . g over a's free axes, returned in rhs's axis order (a is the left operand so
   that its contracting axes come out first, as the weight layout wants)."""
   (ac, bc), (ab, bb) = dims
-  a_free = [i for i in range(a.ndim) if i not in ac and i not in ab]
-  b_free = [i for i in range(b_ndim) if i not in bc and i not in bb]
+  a_free, b_free = _free(a.ndim, ac, ab), _free(b_ndim, bc, bb)
   nb = len(ab)
   g_afree = list(range(nb, nb + len(a_free)))
   out = _dot(a, g, ((a_free, g_afree), (list(ab), list(range(nb)))))
@@ -83,7 +85,7 @@ def _grad_rhs(g, a, b_ndim, dims):
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _bf16_dot(a, b, dims):
-  return _dot(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), dims).astype(jnp.result_type(a, b))
+  return _bf16_dot_fwd(a, b, dims)[0]
 
 
 def _bf16_dot_fwd(a, b, dims):
