@@ -52,7 +52,8 @@ def test_dtype_mm_names():
 def test_bf16_operands_reach_the_dot_as_bf16():
   """Weight gradients contract over the batch axes; unless their operands are laid out row-major,
   XLA:CPU upcasts those dots to f32 (or fails: its fallback has no bf16 x bf16 -> f32 dot)."""
-  model = ViT(num_classes=4, patch_size=8, width=32, depth=1, mlp_dim=64, num_heads=2, dtype_mm=jnp.bfloat16)
+  model = ViT(num_classes=4, patch_size=8, width=32, depth=1, mlp_dim=64, num_heads=2, dtype_mm=jnp.bfloat16,
+              attention="xla")  # XLA's attention dots too (the fused CPU kernel has its own test)
   x = jnp.ones((4, 16, 16, 3))
   params = model.init(jax.random.PRNGKey(0), x)
   step = jax.jit(jax.grad(lambda p: jnp.sum(model.apply(p, x)[0] ** 2)))

@@ -8,6 +8,10 @@ when `dtype_mm="bfloat16"`). Attention weights are stored head-major as [embed, 
 layers.
 MultiHeadAttention also owns the decoding KV cache (flax "cache" collection): self-attention
 appends keys/values at `cache_index`; cross-attention projects the context once and reuses it.
+Its `attention` setting picks how softmax(q k^T) v runs (`ATTENTION`): XLA's einsums, or the fused
+CPU kernel of `models.cpu_attention` (bf16 matmuls, as `dtype_mm="bfloat16"`) for unmasked or
+causal attention outside decoding; under a multi-device mesh the kernel runs per shard
+(`shard_map` over the batch and head axes).
 """
 
 from typing import Any, Optional
@@ -16,9 +20,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vlm_jax.models import cpu_attention
 from vlm_jax.models.precision import dot_general
 
 Dtype = Any
+
+# "auto": the fused CPU kernel where it applies and is faster (dtype_mm bf16 on a CPU with
+# AVX512_BF16), else XLA; "xla": always XLA's einsums; "cpu_fused": the kernel wherever it applies
+# (an error naming the cause if this machine cannot run it).
+ATTENTION = ("auto", "xla", "cpu_fused")
 
 BTD = ("act_batch", "act_length", "act_embed")
 
@@ -111,6 +121,7 @@ class MultiHeadAttention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   dtype_mm: Dtype = jnp.float32
+  attention: str = "auto"
 
   def _proj(self, name, x, heads, head_dim):
     d = x.shape[-1]
@@ -158,6 +169,10 @@ class MultiHeadAttention(nn.Module):
       if cross and decode:
         self.put_variable("cache", "cached_cross_key", k)
         self.put_variable("cache", "cached_cross_value", v)
+    if self._fused(mask, deterministic, decode):
+      out = _sharded_kernel(q, k, v, 1.0 / float(hd) ** 0.5, causal and not cross)
+      if out is not None:
+        return self._out(out, d)
     extra = None
     if decode and not cross:
       k, v, extra = self._self_cache(k, v, cache_len)
@@ -172,11 +187,51 @@ class MultiHeadAttention(nn.Module):
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
     weights = nn.Dropout(self.dropout)(weights, deterministic)
     out = jnp.einsum("bhqt,bthk->bqhk", weights, v, _dot_general=dg)
+    return self._out(out, d)
+
+  def _out(self, out, d):
+    """The output projection of the heads' values [B, T, H, hd] -> [B, T, d]."""
+    hd = out.shape[-1]
     wo = self.param("out_kernel", logical(nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2),
                                           ("heads", "kv", "embed")), (self.num_heads, hd, d), self.param_dtype)
     bo = self.param("out_bias", logical(nn.initializers.zeros, ("embed",)), (d,), self.param_dtype)
-    y = jnp.einsum("bqhk,hkd->bqd", out, wo.astype(self.dtype), _dot_general=dg) + bo.astype(self.dtype)
-    return constrain(y, BTD)
+    y = jnp.einsum("bqhk,hkd->bqd", out, wo.astype(self.dtype), _dot_general=dot_general(self.dtype_mm))
+    return constrain(y + bo.astype(self.dtype), BTD)
+
+  def _fused(self, mask, deterministic, decode) -> bool:
+    """Whether this call runs the fused CPU kernel (see ATTENTION); it takes no mask but the causal one."""
+    if self.attention not in ATTENTION:
+      raise ValueError(f"attention={self.attention!r} is not one of {ATTENTION}")
+    if self.attention == "xla" or mask is not None or decode or (self.dropout > 0 and not deterministic) \
+        or jnp.dtype(self.dtype) not in (jnp.float32, jnp.bfloat16):
+      return False
+    if self.attention == "auto":
+      return jnp.dtype(self.dtype_mm) == jnp.bfloat16 and cpu_attention.unavailable() is None
+    reason = cpu_attention.unavailable()
+    if reason:
+      raise ValueError(f"{reason} (model.attention='cpu_fused'; set it to 'auto' or 'xla')")
+    return True
+
+
+def _sharded_kernel(q, k, v, scale, causal):
+  """cpu_attention.attention under the current mesh: per shard of the batch and head axes, or
+  None when the arrays do not divide evenly over them (the caller then uses XLA)."""
+  fn = lambda q, k, v: cpu_attention.attention(q, k, v, scale, causal)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return fn(q, k, v)
+  names = nn.logical_to_mesh_axes(("act_batch", "act_length", "act_heads", "act_kv"))
+  if names is None or names[1] is not None or names[3] is not None:
+    return None
+  for axis, entry in ((0, names[0]), (2, names[2])):
+    size = 1
+    for a in (entry if isinstance(entry, tuple) else (entry,) if entry else ()):
+      size *= mesh.shape[a]
+    if q.shape[axis] % size or k.shape[axis] % size:
+      return None
+  spec = jax.sharding.PartitionSpec(*names)
+  # check_vma=False: the FFI call carries no varying-manual-axes types for shard_map to check.
+  return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
 
 
 def layer_norm(eps, dtype, param_dtype, name):
@@ -202,6 +257,7 @@ class EncoderBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   dtype_mm: Dtype = jnp.float32
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x, mask=None):
@@ -211,7 +267,7 @@ class EncoderBlock(nn.Module):
     x = constrain(x, BTD)
     ln1 = layer_norm(self.ln_eps, name="ln1", **kw)
     ln2 = layer_norm(self.ln_eps, name="ln2", **kw)
-    attn = MultiHeadAttention(self.num_heads, name="attn", **mm)
+    attn = MultiHeadAttention(self.num_heads, name="attn", attention=self.attention, **mm)
     mlp = Mlp(self.mlp_dim, dropout=self.dropout, gelu_approximate=self.gelu_approximate, name="mlp", **mm)
     if self.post_ln:
       x = ln1(x + drop(attn(x, mask=mask, deterministic=self.deterministic)))

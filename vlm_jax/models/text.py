@@ -54,6 +54,7 @@ class DecoderBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   dtype_mm: Dtype = jnp.float32
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x, encoded, self_mask=None):
@@ -62,12 +63,12 @@ class DecoderBlock(nn.Module):
     drop = lambda y: nn.Dropout(self.dropout)(y, self.deterministic)
     x = constrain(x, BTD)
     y = layer_norm(self.ln_eps, name="ln1", **kw)(x)
-    y = MultiHeadAttention(self.num_heads, name="self_attn", **mm)(
+    y = MultiHeadAttention(self.num_heads, name="self_attn", attention=self.attention, **mm)(
         y, mask=self_mask, deterministic=self.deterministic, causal=self.causal, decode=self.decode,
         cache_len=self.max_len)
     x = x + drop(y)
     y = layer_norm(self.ln_eps, name="ln_cross", **kw)(x)
-    y = MultiHeadAttention(self.num_heads, name="cross_attn", **mm)(
+    y = MultiHeadAttention(self.num_heads, name="cross_attn", attention=self.attention, **mm)(
         y, context=encoded, deterministic=self.deterministic, decode=self.decode)
     x = x + drop(y)
     y = layer_norm(self.ln_eps, name="ln2", **kw)(x)
@@ -99,6 +100,7 @@ class Decoder(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   dtype_mm: Dtype = jnp.float32  # matmul operands (see models.precision)
+  attention: str = "auto"  # see layers.ATTENTION
 
   @nn.compact
   def __call__(self, tokens, encoded, *, causal: bool = True, decode: bool = False, deterministic: bool = True):
@@ -139,7 +141,7 @@ class Decoder(nn.Module):
       raise ValueError("encoded may be None only in decode=True calls after the first")
     block_kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, max_len=self.max_len, dropout=self.dropout,
                     ln_eps=self.ln_eps, gelu_approximate=self.gelu_approximate, causal=causal, decode=decode,
-                    deterministic=deterministic, dtype_mm=self.dtype_mm, **kw)
+                    deterministic=deterministic, dtype_mm=self.dtype_mm, attention=self.attention, **kw)
     remat = "none" if decode else self.remat  # nothing to save for a backward pass while decoding
     args = (encoded,) if self_mask is None else (encoded, self_mask)
     x, _ = stack_layers(DecoderBlock, self.depth, self.scan_layers, remat)(block_kw)(x, *args)
@@ -173,6 +175,7 @@ class TextEncoder(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   dtype_mm: Dtype = jnp.float32  # matmul operands (see models.precision)
+  attention: str = "auto"  # see layers.ATTENTION
 
   @nn.compact
   def __call__(self, tokens, *, deterministic: bool = True):
@@ -198,7 +201,7 @@ class TextEncoder(nn.Module):
       mask = jnp.logical_and(mask, jnp.tril(jnp.ones((t, t), bool))[None, None])
     block_kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout, ln_eps=self.ln_eps,
                     gelu_approximate=self.gelu_approximate, post_ln=bert, deterministic=deterministic,
-                    dtype_mm=self.dtype_mm, **kw)
+                    dtype_mm=self.dtype_mm, attention=self.attention, **kw)
     x, _ = stack_layers(EncoderBlock, self.depth, self.scan_layers, self.remat)(block_kw)(x, mask)
     if not bert:
       x = layer_norm(self.ln_eps, name="norm", **kw)(x)

@@ -33,12 +33,13 @@ class Encoder(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   dtype_mm: Dtype = jnp.float32
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
     kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout, ln_eps=self.ln_eps,
               gelu_approximate=self.gelu_approximate, deterministic=deterministic, dtype=self.dtype,
-              param_dtype=self.param_dtype, dtype_mm=self.dtype_mm)
+              param_dtype=self.param_dtype, dtype_mm=self.dtype_mm, attention=self.attention)
     x, _ = stack_layers(EncoderBlock, self.depth, self.scan_layers, self.remat)(kw)(x)
     return layer_norm(self.ln_eps, self.dtype, self.param_dtype, "norm")(x)
 
@@ -52,6 +53,7 @@ class MAPHead(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   dtype_mm: Dtype = jnp.float32
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x):
@@ -60,7 +62,7 @@ class MAPHead(nn.Module):
     probe = self.param("probe", logical(nn.initializers.xavier_uniform(), (None, None, "embed")),
                        (1, 1, x.shape[-1]), self.param_dtype)
     probe = jnp.tile(probe.astype(self.dtype), (x.shape[0], 1, 1))
-    x = MultiHeadAttention(self.num_heads, name="attn", **mm)(probe, context=x)
+    x = MultiHeadAttention(self.num_heads, name="attn", attention=self.attention, **mm)(probe, context=x)
     y = layer_norm(self.ln_eps, name="ln", **kw)(x)
     x = x + Mlp(self.mlp_dim, gelu_approximate=self.gelu_approximate, name="mlp", **mm)(y)
     return x[:, 0]
@@ -85,6 +87,7 @@ class ViT(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   dtype_mm: Dtype = jnp.float32  # matmul operands (see models.precision)
+  attention: str = "auto"  # see layers.ATTENTION
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -107,14 +110,15 @@ class ViT(nn.Module):
       x = layer_norm(self.ln_eps, name="pre_norm", **kw)(x)
     x = nn.Dropout(self.dropout)(x, not train)
     x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.dropout, self.ln_eps, self.gelu_approximate,
-                self.scan_layers, self.remat, name="encoder", dtype_mm=self.dtype_mm, **kw)(x, not train)
+                self.scan_layers, self.remat, name="encoder", dtype_mm=self.dtype_mm,
+                attention=self.attention, **kw)(x, not train)
     if self.pool == "cls":
       pooled = x[:, 0]
     elif self.pool == "gap":
       pooled = x.mean(axis=1)
     elif self.pool == "map":
       pooled = MAPHead(self.num_heads, self.mlp_dim, self.ln_eps, self.gelu_approximate, name="map_head",
-                       dtype_mm=self.dtype_mm, **kw)(x)
+                       dtype_mm=self.dtype_mm, attention=self.attention, **kw)(x)
     else:
       pooled = x
     aux = {"tokens": x, "pooled": pooled}

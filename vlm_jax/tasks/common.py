@@ -3,6 +3,7 @@
 import jax.numpy as jnp
 
 from vlm_jax.errors import UserError
+from vlm_jax.models.layers import ATTENTION
 from vlm_jax.models.precision import MM_DTYPES
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -18,4 +19,6 @@ def module_kwargs(model_cfg, exclude=()) -> dict:
       if kw[key] not in allowed:
         raise UserError(f"model.{key}='{kw[key]}' is not one of {', '.join(allowed)}.")
       kw[key] = allowed[kw[key]]
+  if kw.get("attention", "auto") not in ATTENTION:
+    raise UserError(f"model.attention='{kw['attention']}' is not one of {', '.join(ATTENTION)}.")
   return kw

@@ -140,7 +140,7 @@ class Task:
     self.cfg, self.loss_kind = cfg, m.get("loss", "sigmoid")
     if self.loss_kind not in LOSSES:
       raise UserError(f"model.loss='{self.loss_kind}' is unknown; use {' or '.join(LOSSES)}.")
-    shared = {k: m[k] for k in ("dtype", "param_dtype", "dtype_mm") if k in m}
+    shared = {k: m[k] for k in ("dtype", "param_dtype", "dtype_mm", "attention") if k in m}
     img = module_kwargs({**m.image.to_dict(), **shared})
     txt = module_kwargs({**m.text.to_dict(), **shared})
     self.text_init = m.get("text_init", "")
@@ -162,7 +162,7 @@ class Task:
                  text_proj=m.get("text_proj", True), proj_bias=m.get("proj_bias", True),
                  logit_scale_init=float(m.get("logit_scale_init", math.log(10.0))),
                  logit_bias_init=float(m.get("logit_bias_init", -10.0)) if self.loss_kind == "sigmoid" else None)
-    self.model = TwoTower(image=img, text=txt, **heads, **module_kwargs(shared))
+    self.model = TwoTower(image=img, text=txt, **heads, **module_kwargs(shared, exclude=("attention",)))
     self.class_names = data_info.class_names if data_info.num_classes else None
     self.text_fields = ("caption", "label") if self.class_names else ("caption",)  # gathered for collect
     self.prompts = None

@@ -1,0 +1,108 @@
+"""The fused CPU attention kernel (`cpu_attention.cc`): build, registration, and its custom VJP.
+
+`attention(q, k, v, scale, causal)` computes `softmax(q k^T * scale) v` for q [B, Tq, H, D] and
+k, v [B, Tk, H, D] with bf16 matmul operands and f32 accumulation, the numerics of
+`dtype_mm="bfloat16"`, in two XLA FFI custom calls (forward, backward). The kernel needs a CPU
+with AVX512_BF16 and a C++ compiler; it is compiled once per source and jaxlib version into
+`$VLM_JAX_CACHE` (default `~/.cache/vlm_jax`) and loaded with ctypes. `unavailable()` says why it
+cannot be used here (None when it can); `layers.MultiHeadAttention` picks it through the model's
+`attention` setting.
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+
+_SOURCE = Path(__file__).with_name("cpu_attention.cc")
+_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-w", "-mavx512f", "-mavx512bw", "-mavx512vl",
+          "-mavx512dq", "-mavx512bf16", "-mfma"]
+_FWD, _BWD = "vlm_jax_attention_fwd", "vlm_jax_attention_bwd"
+
+
+def _cpu_flags() -> set:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("flags"):
+          return set(line.split(":", 1)[1].split())
+  except OSError:
+    pass
+  return set()
+
+
+def _compiler() -> Optional[str]:
+  return os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
+
+
+@functools.lru_cache(maxsize=None)
+def _build() -> str:
+  """Compiles the kernel (once per source, flags and jaxlib version) and registers its two FFI
+  targets; returns "" on success, else the reason it failed."""
+  cxx = _compiler()
+  if cxx is None:
+    return "no C++ compiler found (install g++, or set CXX)"
+  key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode() + jaxlib.__version__.encode()).hexdigest()[:16]
+  cache = Path(os.environ.get("VLM_JAX_CACHE", "~/.cache/vlm_jax")).expanduser()
+  lib = cache / f"cpu_attention_{key}.so"
+  if not lib.exists():
+    cache.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+    os.close(fd)
+    cmd = [cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+      os.unlink(tmp)
+      return f"compiling {_SOURCE.name} failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}"
+    os.replace(tmp, lib)  # atomic: concurrent builders (test workers) never see half a file
+  so = ctypes.cdll.LoadLibrary(str(lib))
+  jax.ffi.register_ffi_target(_FWD, jax.ffi.pycapsule(so.VlmAttentionFwd), platform="cpu")
+  jax.ffi.register_ffi_target(_BWD, jax.ffi.pycapsule(so.VlmAttentionBwd), platform="cpu")
+  return ""
+
+
+def unavailable() -> Optional[str]:
+  """None if the kernel can run here, else why not (one sentence naming the fix)."""
+  if jax.default_backend() != "cpu":
+    return f"the fused CPU attention kernel runs on CPU only (the backend is {jax.default_backend()})"
+  if "avx512_bf16" not in _cpu_flags():
+    return "the fused CPU attention kernel needs a CPU with AVX512_BF16 (this one lacks it); use attention='xla'"
+  reason = _build()
+  return f"the fused CPU attention kernel could not be built: {reason}" if reason else None
+
+
+def _fwd_call(q, k, v, scale, causal):
+  b, tq, h, _ = q.shape
+  out = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, tq), jnp.float32))
+  return jax.ffi.ffi_call(_FWD, out, vmap_method="sequential")(q, k, v, scale=np.float32(scale), causal=np.int32(causal))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def attention(q, k, v, scale: float, causal: bool = False):
+  """softmax(q k^T * scale) v over [B, T, H, D] arrays (keys j > query i masked when causal)."""
+  return _fwd_call(q, k, v, scale, causal)[0]
+
+
+def _attention_fwd(q, k, v, scale, causal):
+  out, lse = _fwd_call(q, k, v, scale, causal)
+  return out, (q, k, v, lse)
+
+
+def _attention_bwd(scale, causal, res, g):
+  q, k, v, lse = res
+  shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
+  return tuple(jax.ffi.ffi_call(_BWD, shapes, vmap_method="sequential")(q, k, v, lse, g.astype(q.dtype), scale=np.float32(scale),
+                                              causal=np.int32(causal)))
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)
