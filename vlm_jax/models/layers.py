@@ -81,6 +81,12 @@ def stack_layers(block_cls, depth: int, scan: bool, remat: str, static_argnums=(
   return build
 
 
+def gelu_exact(x):
+  """x * Phi(x), written with erf as PyTorch's exact GELU is: XLA:CPU evaluates erf about twice as
+  fast as the erfc that `nn.gelu(approximate=False)` uses (same values to 5e-7)."""
+  return 0.5 * x * (1.0 + jax.lax.erf(x * 0.7071067811865476))
+
+
 class Mlp(nn.Module):
   hidden: int
   dropout: float = 0.0
@@ -97,7 +103,7 @@ class Mlp(nn.Module):
     h = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1", dot_general=dg,
                  kernel_init=logical(init, ("embed", "mlp")),
                  bias_init=logical(nn.initializers.normal(1e-6), ("mlp",)))(x)
-    h = nn.gelu(h, approximate=self.gelu_approximate)
+    h = nn.gelu(h, approximate=True) if self.gelu_approximate else gelu_exact(h)
     h = constrain(h, ("act_batch", "act_length", "act_mlp"))
     h = nn.Dropout(self.dropout)(h, deterministic)
     return nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2", dot_general=dg,
