@@ -55,17 +55,20 @@ def _build() -> str:
   key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode() + jaxlib.__version__.encode()).hexdigest()[:16]
   cache = Path(os.environ.get("VLM_JAX_CACHE", "~/.cache/vlm_jax")).expanduser()
   lib = cache / f"cpu_attention_{key}.so"
-  if not lib.exists():
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
-    os.close(fd)
-    cmd = [cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-      os.unlink(tmp)
-      return f"compiling {_SOURCE.name} failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}"
-    os.replace(tmp, lib)  # atomic: concurrent builders (test workers) never see half a file
-  so = ctypes.cdll.LoadLibrary(str(lib))
+  try:
+    if not lib.exists():
+      cache.mkdir(parents=True, exist_ok=True)
+      fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+      os.close(fd)
+      cmd = [cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
+      done = subprocess.run(cmd, capture_output=True, text=True)
+      if done.returncode != 0:
+        os.unlink(tmp)
+        return f"compiling {_SOURCE.name} failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}"
+      os.replace(tmp, lib)  # atomic: concurrent builders (test workers) never see half a file
+    so = ctypes.cdll.LoadLibrary(str(lib))
+  except OSError as e:
+    return f"{e} (set VLM_JAX_CACHE to a writable folder)"
   jax.ffi.register_ffi_target(_FWD, jax.ffi.pycapsule(so.VlmAttentionFwd), platform="cpu")
   jax.ffi.register_ffi_target(_BWD, jax.ffi.pycapsule(so.VlmAttentionBwd), platform="cpu")
   return ""
