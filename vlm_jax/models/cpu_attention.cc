@@ -34,7 +34,7 @@ using u16 = uint16_t;
 using u32 = uint32_t;
 
 // ---------------------------------------------------------------------------------------------
-// bf16 conversion (round to nearest even, NaN stays NaN) and loads from either input dtype.
+// Scalar bf16 rounding (to nearest even, NaN stays NaN) for the outputs; packing uses vectors below.
 
 inline u32 bf16_bits(float f) {
   u32 u;
@@ -42,15 +42,6 @@ inline u32 bf16_bits(float f) {
   u32 r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   return ((u & 0x7fffffffu) > 0x7f800000u) ? ((u >> 16) | 0x40u) : r;
 }
-inline float load_f32(const float* p) { return *p; }
-inline float load_f32(const u16* p) {
-  u32 u = u32(*p) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline u32 load_bf16(const float* p) { return bf16_bits(*p); }
-inline u32 load_bf16(const u16* p) { return *p; }
 inline void store(float* p, float x) { *p = x; }
 inline void store(u16* p, float x) { *p = u16(bf16_bits(x)); }
 

@@ -30,15 +30,16 @@ _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-w", "-mavx512f", "-mavx512b
 _FWD, _BWD = "vlm_jax_attention_fwd", "vlm_jax_attention_bwd"
 
 
-def _cpu_flags() -> set:
+@functools.lru_cache(maxsize=None)
+def _cpu_flags() -> frozenset:
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
         if line.startswith("flags"):
-          return set(line.split(":", 1)[1].split())
+          return frozenset(line.split(":", 1)[1].split())
   except OSError:
     pass
-  return set()
+  return frozenset()
 
 
 def _compiler() -> Optional[str]:
@@ -87,7 +88,8 @@ def unavailable() -> Optional[str]:
 def _fwd_call(q, k, v, scale, causal):
   b, tq, h, _ = q.shape
   out = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, tq), jnp.float32))
-  return jax.ffi.ffi_call(_FWD, out, vmap_method="sequential")(q, k, v, scale=np.float32(scale), causal=np.int32(causal))
+  call = jax.ffi.ffi_call(_FWD, out, vmap_method="sequential")
+  return call(q, k, v, scale=np.float32(scale), causal=np.int32(causal))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -104,8 +106,8 @@ def _attention_fwd(q, k, v, scale, causal):
 def _attention_bwd(scale, causal, res, g):
   q, k, v, lse = res
   shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
-  return tuple(jax.ffi.ffi_call(_BWD, shapes, vmap_method="sequential")(q, k, v, lse, g.astype(q.dtype), scale=np.float32(scale),
-                                              causal=np.int32(causal)))
+  call = jax.ffi.ffi_call(_BWD, shapes, vmap_method="sequential")
+  return tuple(call(q, k, v, lse, g.astype(q.dtype), scale=np.float32(scale), causal=np.int32(causal)))
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)

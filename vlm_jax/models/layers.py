@@ -14,6 +14,7 @@ causal attention outside decoding; under a multi-device mesh the kernel runs per
 (`shard_map` over the batch and head axes).
 """
 
+import math
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -229,10 +230,9 @@ def _sharded_kernel(q, k, v, scale, causal):
   names = nn.logical_to_mesh_axes(("act_batch", "act_length", "act_heads", "act_kv"))
   if names is None or names[1] is not None or names[3] is not None:
     return None
-  for axis, entry in ((0, names[0]), (2, names[2])):
-    size = 1
-    for a in (entry if isinstance(entry, tuple) else (entry,) if entry else ()):
-      size *= mesh.shape[a]
+  for axis in (0, 2):  # batch and heads
+    entry = names[axis] or ()
+    size = math.prod(mesh.shape[a] for a in (entry if isinstance(entry, tuple) else (entry,)))
     if q.shape[axis] % size or k.shape[axis] % size:
       return None
   spec = jax.sharding.PartitionSpec(*names)
