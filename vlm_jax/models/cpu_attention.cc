@@ -1,5 +1,6 @@
-// Fused multi-head attention for XLA:CPU: bf16 matmuls with f32 accumulation (AVX512_BF16), the
-// softmax in f32 between them, forward and backward, as two XLA FFI custom calls.
+// Fused multi-head attention for XLA:CPU, forward and backward, as two XLA FFI custom calls.
+// The source builds twice: with -DVLM_ATTENTION_BF16 (AVX512_BF16: bf16 matmul operands, f32
+// accumulation) and without it (AVX2 + FMA: f32 matmuls). The softmax is f32 in both.
 //
 // Why it exists: XLA:CPU runs attention's many small batched matmuls (e.g. 96 products of
 // 197 x 64 x 197 for ViT-Ti at batch 32) at a quarter of its 2-D matmul rate, and writes the
@@ -9,8 +10,9 @@
 // Layouts: q [B, Tq, H, D], k and v [B, Tk, H, D] (the projections' own layout, so no head-split
 // copies), float32 or bfloat16; out like q; lse [B, H, Tq] float32, the softmax's log-normaliser,
 // saved by the forward so that the backward recomputes the probabilities (flash-attention style)
-// instead of storing them. Numerics follow `precision.bf16_dot_general`: every matmul operand is
-// rounded to bf16, products accumulate in f32, the softmax and its gradient are f32.
+// instead of storing them. Numerics of the bf16 build follow `precision.bf16_dot_general`: every
+// matmul operand is rounded to bf16, products accumulate in f32, the softmax and its gradient are
+// f32. The f32 build computes everything in f32.
 
 #include <immintrin.h>
 
@@ -44,6 +46,13 @@ inline u32 bf16_bits(float f) {
 }
 inline void store(float* p, float x) { *p = x; }
 inline void store(u16* p, float x) { *p = u16(bf16_bits(x)); }
+
+// Row i of the logits sees keys [0, len): all of them, or up to itself under the causal mask.
+inline int keys_seen(int i, int tk, bool causal) { return causal ? std::min(i + 1, tk) : tk; }
+
+#if defined(VLM_ATTENTION_BF16)
+// =============================================================================================
+// bf16 build: AVX512_BF16 matmuls.
 
 // ---------------------------------------------------------------------------------------------
 // Packing. A matmul C[M, N] = A[M, K] B[K, N] runs on bf16 pairs along K: A is packed as
@@ -209,9 +218,6 @@ inline __mmask16 lanes_below(int j0, int len) {
   return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
 }
 
-// Row i of the logits sees keys [0, len): all of them, or up to itself under the causal mask.
-inline int keys_seen(int i, int tk, bool causal) { return causal ? std::min(i + 1, tk) : tk; }
-
 // s (the raw logits of one row) -> probabilities in place (zero past `len`); returns the row's lse.
 inline float softmax_row(float* s, int np, int len, float scale) {
   __m512 mx = _mm512_set1_ps(-INFINITY);
@@ -243,6 +249,195 @@ inline void probs_row(float* s, int np, int len, float scale, float lse) {
     _mm512_storeu_ps(s + j, _mm512_maskz_mov_ps(m, exp16(x)));
   }
 }
+
+// dp (one row, in place) -> ds = p (dp - rowsum(p dp)) * scale.
+inline void softmax_grad_row(const float* pr, float* dr, int np, float scale) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int j = 0; j < np; j += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(pr + j), _mm512_loadu_ps(dr + j), acc);
+  __m512 delta = _mm512_set1_ps(_mm512_reduce_add_ps(acc));
+  __m512 sv = _mm512_set1_ps(scale);
+  for (int j = 0; j < np; j += 16) {
+    __m512 x = _mm512_mul_ps(_mm512_loadu_ps(pr + j), _mm512_sub_ps(_mm512_loadu_ps(dr + j), delta));
+    _mm512_storeu_ps(dr + j, _mm512_mul_ps(x, sv));  // p is zero past the keys seen, so is ds
+  }
+}
+
+#else
+// =============================================================================================
+// f32 build: float32 matmuls with AVX2 + FMA (any x86-64 CPU of the last decade). The same
+// structure as above: A packed as [Mp][K] rows, B as column panels of width 16, each [K][16],
+// Np = roundup(N, 16), Mp = max(M, MR), zero padding; the packed f32 values sit in the u32
+// buffers the drivers share with the bf16 build (K2 = K here: one value per packed unit).
+
+constexpr int MR = 6;  // rows per micro-kernel call: 6 x 2 ymm accumulators
+
+inline int round16(int n) { return (n + 15) / 16 * 16; }
+
+struct Gemm {
+  int m, n, k, mp, np, k2;
+  Gemm(int m_, int n_, int k_) : m(m_), n(n_), k(k_), mp(std::max(m_, MR)), np(round16(n_)), k2(k_) {}
+};
+
+inline float to_f32(float x) { return x; }
+inline float to_f32(u16 x) {
+  u32 u = u32(x) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float* floats(u32* p) { return reinterpret_cast<float*>(p); }
+inline const float* floats(const u32* p) { return reinterpret_cast<const float*>(p); }
+
+// A[i][kk] = src[i * ld + kk]
+template <typename T>
+void pack_a(const T* src, long ld, const Gemm& g, u32* dst) {
+  float* d = floats(dst);
+  for (int i = 0; i < g.m; ++i)
+    for (int kk = 0; kk < g.k; ++kk) d[long(i) * g.k + kk] = to_f32(src[i * ld + kk]);
+  std::memset(d + long(g.m) * g.k, 0, sizeof(float) * long(g.mp - g.m) * g.k);
+}
+
+// A[i][kk] = src[kk * ld + i]  (A is the transpose of a row-major source)
+template <typename T>
+void pack_a_t(const T* src, long ld, const Gemm& g, u32* dst, u32*) {
+  float* d = floats(dst);
+  for (int kk = 0; kk < g.k; ++kk)
+    for (int i = 0; i < g.m; ++i) d[long(i) * g.k + kk] = to_f32(src[kk * ld + i]);
+  std::memset(d + long(g.m) * g.k, 0, sizeof(float) * long(g.mp - g.m) * g.k);
+}
+
+// B[kk][j] = src[kk * ld + j]
+template <typename T>
+void pack_b(const T* src, long ld, const Gemm& g, u32* dst) {
+  for (int n0 = 0; n0 < g.np; n0 += 16) {
+    float* panel = floats(dst) + long(n0) * g.k;
+    int valid = std::min(16, g.n - n0);
+    for (int kk = 0; kk < g.k; ++kk) {
+      const T* r = src + kk * ld + n0;
+      float* d = panel + long(kk) * 16;
+      for (int j = 0; j < 16; ++j) d[j] = j < valid ? to_f32(r[j]) : 0.0f;
+    }
+  }
+}
+
+// B[kk][j] = src[j * ld + kk]  (B is the transpose of a row-major source)
+template <typename T>
+void pack_b_t(const T* src, long ld, const Gemm& g, u32* dst, u32*) {
+  for (int n0 = 0; n0 < g.np; n0 += 16) {
+    float* panel = floats(dst) + long(n0) * g.k;
+    for (int j = 0; j < 16; ++j) {
+      const T* r = src + long(n0 + j) * ld;
+      if (n0 + j < g.n)
+        for (int kk = 0; kk < g.k; ++kk) panel[long(kk) * 16 + j] = to_f32(r[kk]);
+      else
+        for (int kk = 0; kk < g.k; ++kk) panel[long(kk) * 16 + j] = 0.0f;
+    }
+  }
+}
+
+// C[Mp][Np] (row stride ldc) = A B on full MR-row blocks, the last one shifted up (see above).
+inline void micro(const float* a, int k, const float* b, float* c, int ldc) {
+  __m256 acc[MR][2];
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int kk = 0; kk < k; ++kk) {
+    __m256 b0 = _mm256_loadu_ps(b + long(kk) * 16), b1 = _mm256_loadu_ps(b + long(kk) * 16 + 8);
+    for (int r = 0; r < MR; ++r) {
+      __m256 av = _mm256_broadcast_ss(a + long(r) * k + kk);
+      acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    _mm256_storeu_ps(c + long(r) * ldc, acc[r][0]);
+    _mm256_storeu_ps(c + long(r) * ldc + 8, acc[r][1]);
+  }
+}
+
+void gemm(const Gemm& g, const u32* a, const u32* b, float* c) {
+  for (int n0 = 0; n0 < g.np; n0 += 16) {
+    const float* panel = floats(b) + long(n0) * g.k;
+    for (int m0 = 0; m0 < g.mp; m0 += MR) {
+      int ms = std::min(m0, g.mp - MR);
+      micro(floats(a) + long(ms) * g.k, g.k, panel, c + long(ms) * g.np + n0, g.np);
+    }
+  }
+}
+
+// exp on 8 floats, as exp16 above; 2^n is built in the exponent bits, so x is clamped to
+// [-87, 88] (results below e^-87 are not flushed to zero; the softmax masks what must be zero).
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-87.0f));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  __m256 r2 = _mm256_mul_ps(r, r);
+  p = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// Lanes [j0, j0 + 8) that are below `len` (all bits set) or not (zero).
+inline __m256 lanes_below(int j0, int len) {
+  return _mm256_castsi256_ps(
+      _mm256_cmpgt_epi32(_mm256_set1_epi32(len - j0), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+}
+
+inline float hmax8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+}
+inline float hsum8(__m256 v) {
+  __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_add_ss(m, _mm_shuffle_ps(m, m, 1)));
+}
+
+// s (the raw logits of one row) -> probabilities in place (zero past `len`); returns the row's lse.
+inline float softmax_row(float* s, int np, int len, float scale) {
+  const __m256 sv = _mm256_set1_ps(scale), neg = _mm256_set1_ps(-INFINITY);
+  __m256 mx = neg;
+  for (int j = 0; j < np; j += 8)
+    mx = _mm256_max_ps(mx, _mm256_blendv_ps(neg, _mm256_mul_ps(_mm256_loadu_ps(s + j), sv), lanes_below(j, len)));
+  const float row_max = hmax8(mx);
+  const __m256 mv = _mm256_set1_ps(row_max);
+  __m256 sum = _mm256_setzero_ps();
+  for (int j = 0; j < np; j += 8) {
+    __m256 e = _mm256_and_ps(exp8(_mm256_fmsub_ps(_mm256_loadu_ps(s + j), sv, mv)), lanes_below(j, len));
+    sum = _mm256_add_ps(sum, e);
+    _mm256_storeu_ps(s + j, e);
+  }
+  const float total = hsum8(sum);
+  const __m256 inv = _mm256_set1_ps(1.0f / total);
+  for (int j = 0; j < np; j += 8) _mm256_storeu_ps(s + j, _mm256_mul_ps(_mm256_loadu_ps(s + j), inv));
+  return row_max + std::log(total);
+}
+
+// s (raw logits) -> probabilities exp(s * scale - lse), zero past `len`.
+inline void probs_row(float* s, int np, int len, float scale, float lse) {
+  const __m256 sv = _mm256_set1_ps(scale), lv = _mm256_set1_ps(lse);
+  for (int j = 0; j < np; j += 8)
+    _mm256_storeu_ps(s + j, _mm256_and_ps(exp8(_mm256_fmsub_ps(_mm256_loadu_ps(s + j), sv, lv)), lanes_below(j, len)));
+}
+
+// dp (one row, in place) -> ds = p (dp - rowsum(p dp)) * scale.
+inline void softmax_grad_row(const float* pr, float* dr, int np, float scale) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int j = 0; j < np; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(pr + j), _mm256_loadu_ps(dr + j), acc);
+  const __m256 delta = _mm256_set1_ps(hsum8(acc)), sv = _mm256_set1_ps(scale);
+  for (int j = 0; j < np; j += 8) {
+    __m256 x = _mm256_mul_ps(_mm256_loadu_ps(pr + j), _mm256_sub_ps(_mm256_loadu_ps(dr + j), delta));
+    _mm256_storeu_ps(dr + j, _mm256_mul_ps(x, sv));  // p is zero past the keys seen, so is ds
+  }
+}
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // Work split: `n` tasks over the intra-op thread pool plus the calling thread. Tasks are claimed
@@ -350,7 +545,8 @@ void backward(const Dims& dm, const T* q, const T* k, const T* v, const float* l
     float* p = Scratch::get(sc.s, size_t(gs.mp) * np);
     float* ds = Scratch::get(sc.t, size_t(gs.mp) * np);
     pack_a(qb, ld, gs, a);
-    u32* tmp = Scratch::get(sc.tmp, size_t(std::max(dm.tk, dm.d)) * std::max(gs.k2, (dm.tq + 1) / 2 + 1));
+    // pack_b_t's [tk][k2(d)] and pack_a_t's [k2(tq)][d]
+    u32* tmp = Scratch::get(sc.tmp, size_t(std::max(dm.tk, dm.d)) * std::max(gs.k2, Gemm(dm.d, dm.tk, dm.tq).k2 + 1));
     pack_b_t(kb, ld, gs, b, tmp);
     gemm(gs, a, b, p);
     const float* lrow = lse + long(task) * dm.tq;
@@ -358,18 +554,7 @@ void backward(const Dims& dm, const T* q, const T* k, const T* v, const float* l
     pack_a(gb, ld, gs, a);
     pack_b_t(vb, ld, gs, b, tmp);
     gemm(gs, a, b, ds);  // dp
-    for (int i = 0; i < dm.tq; ++i) {
-      float* pr = p + long(i) * np;
-      float* dr = ds + long(i) * np;
-      __m512 acc = _mm512_setzero_ps();
-      for (int j = 0; j < np; j += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(pr + j), _mm512_loadu_ps(dr + j), acc);
-      __m512 delta = _mm512_set1_ps(_mm512_reduce_add_ps(acc));
-      __m512 sv = _mm512_set1_ps(scale);
-      for (int j = 0; j < np; j += 16) {
-        __m512 x = _mm512_mul_ps(_mm512_loadu_ps(pr + j), _mm512_sub_ps(_mm512_loadu_ps(dr + j), delta));
-        _mm512_storeu_ps(dr + j, _mm512_mul_ps(x, sv));  // p is zero past the keys seen, so is ds
-      }
-    }
+    for (int i = 0; i < dm.tq; ++i) softmax_grad_row(p + long(i) * np, ds + long(i) * np, np, scale);
     // dq = ds k: [tq, d], contraction over tk.
     Gemm gq(dm.tq, dm.d, dm.tk);
     a = Scratch::get(sc.a, size_t(gq.mp) * gq.k2);

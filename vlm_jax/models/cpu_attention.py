@@ -1,11 +1,16 @@
 """The fused CPU attention kernel (`cpu_attention.cc`): build, registration, and its custom VJP.
 
-`attention(q, k, v, scale, causal)` computes `softmax(q k^T * scale) v` for q [B, Tq, H, D] and
-k, v [B, Tk, H, D] with bf16 matmul operands and f32 accumulation, the numerics of
-`dtype_mm="bfloat16"`, in two XLA FFI custom calls (forward, backward). The kernel needs a CPU
-with AVX512_BF16 and a C++ compiler; it is compiled once per source and jaxlib version into
-`$VLM_JAX_CACHE` (default `~/.cache/vlm_jax`) and loaded with ctypes. `unavailable()` says why it
-cannot be used here (None when it can); `layers.MultiHeadAttention` picks it through the model's
+`attention(q, k, v, scale, causal, precision)` computes `softmax(q k^T * scale) v` for
+q [B, Tq, H, D] and k, v [B, Tk, H, D] in two XLA FFI custom calls (forward, backward), in one of
+two builds of the kernel (`PRECISIONS`):
+
+- "bfloat16": bf16 matmul operands with f32 accumulation, the numerics of `dtype_mm="bfloat16"`;
+  needs a CPU with AVX512_BF16.
+- "float32": f32 matmuls, the numerics of `dtype_mm="float32"`; needs AVX2 and FMA.
+
+Each build is compiled by a C++ compiler once per source and jaxlib version into `$VLM_JAX_CACHE`
+(default `~/.cache/vlm_jax`) and loaded with ctypes. `unavailable(precision)` says why it cannot
+be used here (None when it can); `layers.MultiHeadAttention` picks it through the model's
 `attention` setting.
 """
 
@@ -25,9 +30,14 @@ import jaxlib
 import numpy as np
 
 _SOURCE = Path(__file__).with_name("cpu_attention.cc")
-_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-w", "-mavx512f", "-mavx512bw", "-mavx512vl",
-          "-mavx512dq", "-mavx512bf16", "-mfma"]
-_FWD, _BWD = "vlm_jax_attention_fwd", "vlm_jax_attention_bwd"
+_COMMON = ["-O3", "-std=c++17", "-shared", "-fPIC", "-w"]
+# precision -> (compiler flags, CPU flags it needs from /proc/cpuinfo, FFI target name prefix)
+_BUILDS = {
+    "bfloat16": (_COMMON + ["-DVLM_ATTENTION_BF16", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+                            "-mavx512bf16", "-mfma"], ("avx512_bf16",), "vlm_jax_attention"),
+    "float32": (_COMMON + ["-mavx2", "-mfma"], ("avx2", "fma"), "vlm_jax_attention_f32"),
+}
+PRECISIONS = tuple(_BUILDS)
 
 
 @functools.lru_cache(maxsize=None)
@@ -47,13 +57,14 @@ def _compiler() -> Optional[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _build() -> str:
-  """Compiles the kernel (once per source, flags and jaxlib version) and registers its two FFI
-  targets; returns "" on success, else the reason it failed."""
+def _build(precision: str) -> str:
+  """Compiles one build of the kernel (once per source, flags and jaxlib version) and registers its
+  two FFI targets; returns "" on success, else the reason it failed."""
   cxx = _compiler()
   if cxx is None:
     return "no C++ compiler found (install g++, or set CXX)"
-  key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode() + jaxlib.__version__.encode()).hexdigest()[:16]
+  flags, _, target = _BUILDS[precision]
+  key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode() + jaxlib.__version__.encode()).hexdigest()[:16]
   cache = Path(os.environ.get("VLM_JAX_CACHE", "~/.cache/vlm_jax")).expanduser()
   lib = cache / f"cpu_attention_{key}.so"
   try:
@@ -61,7 +72,7 @@ def _build() -> str:
       cache.mkdir(parents=True, exist_ok=True)
       fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
       os.close(fd)
-      cmd = [cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
+      cmd = [cxx, *flags, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
       done = subprocess.run(cmd, capture_output=True, text=True)
       if done.returncode != 0:
         os.unlink(tmp)
@@ -70,43 +81,46 @@ def _build() -> str:
     so = ctypes.cdll.LoadLibrary(str(lib))
   except OSError as e:
     return f"{e} (set VLM_JAX_CACHE to a writable folder)"
-  jax.ffi.register_ffi_target(_FWD, jax.ffi.pycapsule(so.VlmAttentionFwd), platform="cpu")
-  jax.ffi.register_ffi_target(_BWD, jax.ffi.pycapsule(so.VlmAttentionBwd), platform="cpu")
+  jax.ffi.register_ffi_target(f"{target}_fwd", jax.ffi.pycapsule(so.VlmAttentionFwd), platform="cpu")
+  jax.ffi.register_ffi_target(f"{target}_bwd", jax.ffi.pycapsule(so.VlmAttentionBwd), platform="cpu")
   return ""
 
 
-def unavailable() -> Optional[str]:
-  """None if the kernel can run here, else why not (one sentence naming the fix)."""
+def unavailable(precision: str = "bfloat16") -> Optional[str]:
+  """None if the `precision` build of the kernel can run here, else why not (naming the fix)."""
+  what = f"the fused CPU attention kernel ({precision} matmuls)"
   if jax.default_backend() != "cpu":
-    return f"the fused CPU attention kernel runs on CPU only (the backend is {jax.default_backend()})"
-  if "avx512_bf16" not in _cpu_flags():
-    return "the fused CPU attention kernel needs a CPU with AVX512_BF16 (this one lacks it); use attention='xla'"
-  reason = _build()
-  return f"the fused CPU attention kernel could not be built: {reason}" if reason else None
+    return f"{what} runs on CPU only (the backend is {jax.default_backend()})"
+  missing = [f for f in _BUILDS[precision][1] if f not in _cpu_flags()]
+  if missing:
+    return f"{what} needs a CPU with {' and '.join(m.upper() for m in missing)} (this one lacks it); use attention='xla'"
+  reason = _build(precision)
+  return f"{what} could not be built: {reason}" if reason else None
 
 
-def _fwd_call(q, k, v, scale, causal):
+def _fwd_call(q, k, v, scale, causal, precision):
   b, tq, h, _ = q.shape
   out = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, tq), jnp.float32))
-  call = jax.ffi.ffi_call(_FWD, out, vmap_method="sequential")
+  call = jax.ffi.ffi_call(f"{_BUILDS[precision][2]}_fwd", out, vmap_method="sequential")
   return call(q, k, v, scale=np.float32(scale), causal=np.int32(causal))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def attention(q, k, v, scale: float, causal: bool = False):
-  """softmax(q k^T * scale) v over [B, T, H, D] arrays (keys j > query i masked when causal)."""
-  return _fwd_call(q, k, v, scale, causal)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def attention(q, k, v, scale: float, causal: bool = False, precision: str = "bfloat16"):
+  """softmax(q k^T * scale) v over [B, T, H, D] arrays (keys j > query i masked when causal), with
+  the matmuls of `precision` ("bfloat16" or "float32")."""
+  return _fwd_call(q, k, v, scale, causal, precision)[0]
 
 
-def _attention_fwd(q, k, v, scale, causal):
-  out, lse = _fwd_call(q, k, v, scale, causal)
+def _attention_fwd(q, k, v, scale, causal, precision):
+  out, lse = _fwd_call(q, k, v, scale, causal, precision)
   return out, (q, k, v, lse)
 
 
-def _attention_bwd(scale, causal, res, g):
+def _attention_bwd(scale, causal, precision, res, g):
   q, k, v, lse = res
   shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
-  call = jax.ffi.ffi_call(_BWD, shapes, vmap_method="sequential")
+  call = jax.ffi.ffi_call(f"{_BUILDS[precision][2]}_bwd", shapes, vmap_method="sequential")
   return tuple(call(q, k, v, lse, g.astype(q.dtype), scale=np.float32(scale), causal=np.int32(causal)))
 
 

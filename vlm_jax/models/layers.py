@@ -9,9 +9,9 @@ layers.
 MultiHeadAttention also owns the decoding KV cache (flax "cache" collection): self-attention
 appends keys/values at `cache_index`; cross-attention projects the context once and reuses it.
 Its `attention` setting picks how softmax(q k^T) v runs (`ATTENTION`): XLA's einsums, or the fused
-CPU kernel of `models.cpu_attention` (bf16 matmuls, as `dtype_mm="bfloat16"`) for unmasked or
-causal attention outside decoding; under a multi-device mesh the kernel runs per shard
-(`shard_map` over the batch and head axes).
+CPU kernel of `models.cpu_attention` (matmuls in `dtype_mm`) for unmasked or causal attention
+outside decoding; under a multi-device mesh the kernel runs per shard (`shard_map` over the batch
+and head axes).
 """
 
 import math
@@ -26,9 +26,10 @@ from vlm_jax.models.precision import dot_general
 
 Dtype = Any
 
-# "auto": the fused CPU kernel where it applies and is faster (dtype_mm bf16 on a CPU with
-# AVX512_BF16), else XLA; "xla": always XLA's einsums; "cpu_fused": the kernel wherever it applies
-# (an error naming the cause if this machine cannot run it).
+# "auto": the fused CPU kernel where it applies and this CPU can run it (its bf16 build for
+# dtype_mm bf16 on AVX512_BF16, its f32 build for f32 on AVX2 + FMA), else XLA; "xla": always XLA's
+# einsums; "cpu_fused": the kernel wherever it applies (an error naming the cause if this machine
+# cannot run it).
 ATTENTION = ("auto", "xla", "cpu_fused")
 
 BTD = ("act_batch", "act_length", "act_embed")
@@ -176,8 +177,9 @@ class MultiHeadAttention(nn.Module):
       if cross and decode:
         self.put_variable("cache", "cached_cross_key", k)
         self.put_variable("cache", "cached_cross_value", v)
-    if self._fused(mask, deterministic, decode):
-      out = _sharded_kernel(q, k, v, 1.0 / float(hd) ** 0.5, causal and not cross)
+    precision = self._fused(mask, deterministic, decode)
+    if precision:
+      out = _sharded_kernel(q, k, v, 1.0 / float(hd) ** 0.5, causal and not cross, precision)
       if out is not None:
         return self._out(out, d)
     extra = None
@@ -205,25 +207,30 @@ class MultiHeadAttention(nn.Module):
     y = jnp.einsum("bqhk,hkd->bqd", out, wo.astype(self.dtype), _dot_general=dot_general(self.dtype_mm))
     return constrain(y + bo.astype(self.dtype), BTD)
 
-  def _fused(self, mask, deterministic, decode) -> bool:
-    """Whether this call runs the fused CPU kernel (see ATTENTION); it takes no mask but the causal one."""
+  def _fused(self, mask, deterministic, decode) -> Optional[str]:
+    """The matmul precision this call runs the fused CPU kernel with (see ATTENTION), or None for
+    XLA's path; the kernel takes no mask but the causal one."""
     if self.attention not in ATTENTION:
       raise ValueError(f"attention={self.attention!r} is not one of {ATTENTION}")
-    if self.attention == "xla" or mask is not None or decode or (self.dropout > 0 and not deterministic) \
-        or jnp.dtype(self.dtype) not in (jnp.float32, jnp.bfloat16):
-      return False
+    if self.attention == "xla" or mask is not None or decode or (self.dropout > 0 and not deterministic):
+      return None
+    # The bf16 build takes f32 or bf16 activations; the f32 one only f32 (plain f32 dots on bf16
+    # activations round differently).
+    precision = "bfloat16" if jnp.dtype(self.dtype_mm) == jnp.bfloat16 else "float32"
+    if jnp.dtype(self.dtype) not in ((jnp.float32, jnp.bfloat16) if precision == "bfloat16" else (jnp.float32,)):
+      return None
+    reason = cpu_attention.unavailable(precision)
     if self.attention == "auto":
-      return jnp.dtype(self.dtype_mm) == jnp.bfloat16 and cpu_attention.unavailable() is None
-    reason = cpu_attention.unavailable()
+      return None if reason else precision
     if reason:
       raise ValueError(f"{reason} (model.attention='cpu_fused'; set it to 'auto' or 'xla')")
-    return True
+    return precision
 
 
-def _sharded_kernel(q, k, v, scale, causal):
+def _sharded_kernel(q, k, v, scale, causal, precision):
   """cpu_attention.attention under the current mesh: per shard of the batch and head axes, or
   None when the arrays do not divide evenly over them (the caller then uses XLA)."""
-  fn = lambda q, k, v: cpu_attention.attention(q, k, v, scale, causal)
+  fn = lambda q, k, v: cpu_attention.attention(q, k, v, scale, causal, precision)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return fn(q, k, v)
