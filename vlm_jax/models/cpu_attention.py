@@ -98,10 +98,18 @@ def unavailable(precision: str = "bfloat16") -> Optional[str]:
   return f"{what} could not be built: {reason}" if reason else None
 
 
+def _target(precision: str, part: str) -> str:
+  """The FFI target of one half of the kernel, built and registered on first use."""
+  reason = unavailable(precision)
+  if reason:
+    raise RuntimeError(reason)
+  return f"{_BUILDS[precision][2]}_{part}"
+
+
 def _fwd_call(q, k, v, scale, causal, precision):
   b, tq, h, _ = q.shape
   out = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, tq), jnp.float32))
-  call = jax.ffi.ffi_call(f"{_BUILDS[precision][2]}_fwd", out, vmap_method="sequential")
+  call = jax.ffi.ffi_call(_target(precision, "fwd"), out, vmap_method="sequential")
   return call(q, k, v, scale=np.float32(scale), causal=np.int32(causal))
 
 
@@ -120,7 +128,7 @@ def _attention_fwd(q, k, v, scale, causal, precision):
 def _attention_bwd(scale, causal, precision, res, g):
   q, k, v, lse = res
   shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
-  call = jax.ffi.ffi_call(f"{_BUILDS[precision][2]}_bwd", shapes, vmap_method="sequential")
+  call = jax.ffi.ffi_call(_target(precision, "bwd"), shapes, vmap_method="sequential")
   return tuple(call(q, k, v, lse, g.astype(q.dtype), scale=np.float32(scale), causal=np.int32(causal)))
 
 
