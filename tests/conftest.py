@@ -1,6 +1,7 @@
 """Test setup: 8 simulated CPU devices for sharding tests, one tiny shapes dataset per session, and
-one persistent XLA compilation cache per session, shared with the CLI subprocesses the tests start
-(the tiny models recur across tests; compiling each once keeps the suite within its time budget)."""
+one persistent XLA compilation cache per session, shared by the xdist workers and the CLI subprocesses
+the tests start (the tiny models recur across tests; compiling each once keeps the suite within its
+time budget)."""
 
 import atexit
 import os
@@ -8,8 +9,13 @@ import shutil
 import sys
 import tempfile
 
-_XLA_CACHE = tempfile.mkdtemp(prefix="vlm_jax_test_xla_cache_")
-atexit.register(shutil.rmtree, _XLA_CACHE, True)
+# Under pytest-xdist the controller imports this file first and its workers inherit the variable:
+# both workers then share one cache (most tiny programs recur across test files), and only the
+# process that made the folder removes it.
+if "VLM_JAX_TEST_XLA_CACHE" not in os.environ:
+  os.environ["VLM_JAX_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="vlm_jax_test_xla_cache_")
+  atexit.register(shutil.rmtree, os.environ["VLM_JAX_TEST_XLA_CACHE"], True)
+_XLA_CACHE = os.environ["VLM_JAX_TEST_XLA_CACHE"]
 os.environ.update(JAX_COMPILATION_CACHE_DIR=_XLA_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 

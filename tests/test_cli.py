@@ -1,9 +1,16 @@
-"""The command line as a user runs it: a tiny end-to-end run, resume, and one-line errors."""
+"""The command line as a user runs it: a tiny end-to-end run, resume, evaluate and predict on its
+checkpoints, and one-line errors. One `python -m vlm_jax.train` run of the tiny recipe (module
+fixture) serves the resume, evaluate and predict tests; each works on its own copy of it."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+
+import numpy as np
+import pytest
+from PIL import Image
 
 from conftest import REPO
 
@@ -14,11 +21,25 @@ def _run(*args, timeout=300):
                         capture_output=True, text=True, timeout=timeout)
 
 
-def test_tiny_run_end_to_end_then_resume(data_dir, tmp_path):
-  wd = str(tmp_path / "run")
-  base = ["--config", "configs/vit_shapes.py:tiny", "--workdir", wd, f"--config.data_dir={data_dir}"]
-  r = _run(*base)
+@pytest.fixture(scope="module")
+def tiny_run(data_dir, tmp_path_factory):
+  """The tiny recipe as a user runs it (20 steps, checkpoints at 10 and 20); tests copy it before
+  changing it."""
+  wd = str(tmp_path_factory.mktemp("cli") / "run")
+  r = _run("--config", "configs/vit_shapes.py:tiny", "--workdir", wd, f"--config.data_dir={data_dir}")
   assert r.returncode == 0, r.stderr[-2000:]
+  return wd
+
+
+def _copy(tiny_run, tmp_path):
+  wd = str(tmp_path / "run")
+  shutil.copytree(tiny_run, wd)
+  return wd
+
+
+def test_tiny_run_end_to_end_then_resume(tiny_run, data_dir, tmp_path):
+  wd = _copy(tiny_run, tmp_path)
+  base = ["--config", "configs/vit_shapes.py:tiny", "--workdir", wd, f"--config.data_dir={data_dir}"]
   rows = [json.loads(x) for x in open(os.path.join(wd, "metrics.jsonl"))]
   assert any("test/accuracy" in x and x["step"] == 20 for x in rows)
   assert any("train/images_per_s" in x for x in rows)
@@ -54,18 +75,15 @@ def test_debug_flag_shows_traceback(tmp_path):
   assert r.returncode != 0 and "Traceback" in r.stderr
 
 
-def test_evaluate_cli_appends_contract_metrics(data_dir, tmp_path):
-  wd = str(tmp_path / "run")
-  r = _run("--config", "configs/vit_shapes.py:tiny", "--workdir", wd, f"--config.data_dir={data_dir}",
-           "--config.total_steps=4", "--config.checkpoint_every_steps=2", "--config.evals.pictures=0")
-  assert r.returncode == 0, r.stderr[-2000:]
+def test_evaluate_cli_appends_contract_metrics(tiny_run, tmp_path):
+  wd = _copy(tiny_run, tmp_path)  # checkpoints 10 and 20: evaluate the older one
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  r = subprocess.run([sys.executable, "-m", "vlm_jax.evaluate", "--workdir", wd, "--step", "2"], cwd=REPO,
+  r = subprocess.run([sys.executable, "-m", "vlm_jax.evaluate", "--workdir", wd, "--step", "10"], cwd=REPO,
                      env=env, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]
   assert "test/accuracy\t" in r.stdout and "validation/loss\t" in r.stdout
   last = json.loads(open(os.path.join(wd, "metrics.jsonl")).read().splitlines()[-1])
-  assert last["step"] == 2 and 0.0 <= last["test/accuracy"] <= 1.0
+  assert last["step"] == 10 and 0.0 <= last["test/accuracy"] <= 1.0
   r = subprocess.run([sys.executable, "-m", "vlm_jax.evaluate", "--workdir", str(tmp_path)], cwd=REPO,
                      env=env, capture_output=True, text=True, timeout=300)
   assert r.returncode == 2 and "has no config.json" in r.stderr
@@ -76,3 +94,35 @@ def test_recipe_error_is_one_line(tmp_path):
   assert r.returncode == 2
   assert "error: config: the recipe raised ValueError: unknown variant 'nosuchvariant'" in r.stderr
   assert "Traceback" not in r.stderr
+
+
+# python -m vlm_jax.predict: any image size/mode/format, bad files get an error line, others run.
+
+def _images(d):
+  rng = np.random.default_rng(0)
+  rgb = rng.integers(0, 255, (50, 70, 3), dtype=np.uint8)
+  Image.fromarray(rgb).save(d / "a.jpg")
+  Image.fromarray(rgb).convert("RGBA").save(d / "b.png")
+  Image.fromarray(rgb).convert("L").save(d / "c.png")
+  Image.fromarray(rgb).convert("P").save(d / "d.gif")
+  Image.fromarray((rng.integers(0, 65535, (40, 40))).astype(np.uint16)).save(d / "e16.png")
+  (d / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+  (d / "empty.png").write_bytes(b"")
+  return [str(d / n) for n in ("a.jpg", "b.png", "c.png", "d.gif", "e16.png", "corrupt.jpg", "empty.png",
+                               "missing.png")]
+
+
+def test_predict_labels_and_error_lines(tiny_run, tmp_path):
+  wd = _copy(tiny_run, tmp_path)
+  paths = _images(tmp_path)
+  r = subprocess.run([sys.executable, "-m", "vlm_jax.predict", "--workdir", wd, "--image", *paths], cwd=REPO,
+                     capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert r.returncode == 1, r.stderr[-2000:]  # some files failed, the rest were predicted
+  lines = dict(line.split("\t", 1) for line in r.stdout.strip().splitlines())
+  assert list(lines) == paths
+  classes = {"red", "green", "blue", "yellow", "purple", "white"}
+  for p in paths[:5]:
+    assert lines[p].split()[0] in classes, lines[p]
+  for p in paths[5:]:
+    assert lines[p].startswith("error: cannot read image"), lines[p]
+  assert "no such file" in lines[paths[7]] and "empty file" in lines[paths[6]]

@@ -18,6 +18,24 @@ def _batch(cfg, n):
   return next(pipeline.train_batches(cfg.input, cfg.data_dir, 0, n))
 
 
+def _short(cfg):
+  """4 steps, checkpoints at 2 and 4, train lines at 3 and 4, one evaluation (at the end)."""
+  cfg.total_steps, cfg.eval_every_steps, cfg.checkpoint_every_steps, cfg.log_every_steps = 4, 100, 2, 3
+  cfg.evals.pictures = 0
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def pre(data_dir, tmp_path_factory):
+  """One finished `_short` run of the tiny recipe, shared by the tests below (the same compiled
+  programs, trained once); a test that writes into it works on a copy."""
+  cfg = _short(config.load(os.path.join(REPO, "configs/vit_shapes.py:tiny")))
+  cfg.data_dir = data_dir
+  wd = tmp_path_factory.mktemp("pre") / "run"
+  train.train(cfg, str(wd))
+  return wd
+
+
 def test_loss_falls_on_a_fixed_batch(tiny_config):
   cfg = tiny_config
   cfg.optimizer.warmup_steps, cfg.optimizer.schedule, cfg.optimizer.learning_rate = 1, "constant", 3e-3
@@ -33,41 +51,37 @@ def test_loss_falls_on_a_fixed_batch(tiny_config):
   assert losses[-1] < 0.5 * losses[0], losses
 
 
-def test_checkpoint_resume_reproduces_uninterrupted_run(tiny_config, tmp_path):
-  cfg = tiny_config
-  cfg.total_steps, cfg.eval_every_steps, cfg.checkpoint_every_steps = 8, 100, 4
-  cfg.evals.pictures = 0
-  full, cut = tmp_path / "full", tmp_path / "cut"
-  train.train(cfg, str(full))
-  # A run killed after its step-4 checkpoint: step 8 never committed, metrics logged past step 4.
+def test_checkpoint_resume_reproduces_uninterrupted_run(pre, tiny_config, tmp_path):
+  cfg = _short(tiny_config)
+  full, cut = pre, tmp_path / "cut"
+  # A run killed after its step-2 checkpoint: step 4 never committed, metrics logged past step 2.
   shutil.copytree(full, cut)
-  shutil.rmtree(cut / "checkpoints" / "8")
+  shutil.rmtree(cut / "checkpoints" / "4")
   train.train(cfg, str(cut))
   s = train.build(cfg)
   states = []
   for wd in (full, cut):
     ckpt = checkpoint.Checkpointer(str(wd / "checkpoints"))
-    assert ckpt.latest_step() == 8
+    assert ckpt.latest_step() == 4
     with s.context():
-      states.append(ckpt.restore(8, s.abstract_state))
+      states.append(ckpt.restore(4, s.abstract_state))
     ckpt.close()
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), states[0], states[1])
   steps = [r["step"] for r in vlog.read_metrics(str(cut)) if "train/loss" in r]
-  assert steps == [5, 8]  # the step-5 line logged before the "kill" is not duplicated
+  assert steps == [3, 4]  # the step-3 line logged before the "kill" is not duplicated
   assert vlog.read_metrics(str(cut), clock=False) == vlog.read_metrics(str(full), clock=False)
 
 
-def test_checkpoint_of_another_model_is_refused_and_kept(tiny_config, tmp_path):
-  cfg = tiny_config
-  cfg.total_steps, cfg.eval_every_steps, cfg.checkpoint_every_steps = 2, 100, 2
-  cfg.evals.pictures = 0
-  train.train(cfg, str(tmp_path))
-  before = {f: os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(tmp_path / "checkpoints") for f in fs}
+def test_checkpoint_of_another_model_is_refused_and_kept(pre, tiny_config, tmp_path):
+  cfg = _short(tiny_config)
+  wd = tmp_path / "run"
+  shutil.copytree(pre, wd)
+  before = {f: os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(wd / "checkpoints") for f in fs}
   cfg.model.width = 48
-  cfg.total_steps = 4
+  cfg.total_steps = 6
   with pytest.raises(UserError, match=r"different model shape: 'params/.*' is \(32,\) there but \(48,\)"):
-    train.train(cfg, str(tmp_path))
-  after = {f: os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(tmp_path / "checkpoints") for f in fs}
+    train.train(cfg, str(wd))
+  after = {f: os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(wd / "checkpoints") for f in fs}
   assert before == after
 
 
@@ -78,21 +92,18 @@ def test_batch_not_divisible_by_data_shards_is_clear(tiny_config):
     train.build(cfg, devices=jax.devices()[:8])
 
 
-def test_init_from_other_run_resizes_position_embedding(tiny_config, tmp_path):
-  cfg = tiny_config
-  cfg.total_steps, cfg.eval_every_steps, cfg.checkpoint_every_steps = 2, 100, 2
-  cfg.evals.pictures = 0
-  train.train(cfg, str(tmp_path / "pre"))
-  pre = checkpoint.Checkpointer(str(tmp_path / "pre" / "checkpoints"))
+def test_init_from_other_run_resizes_position_embedding(pre, tiny_config, tmp_path):
+  cfg = _short(tiny_config)
+  ckpt = checkpoint.Checkpointer(str(pre / "checkpoints"))
   s = train.build(cfg)
   with s.context():
-    source = pre.restore(2, s.abstract_state).params
-  pre.close()
+    source = ckpt.restore(4, s.abstract_state).params  # the latest step, which init_from reads
+  ckpt.close()
   cfg.input.image_size = 48  # 6x6 patches instead of 4x4
   s48 = train.build(cfg)
   with s48.context():
     fresh = s48.init_state(jax.random.PRNGKey(0)).params
-  params, copied = checkpoint.load_params(str(tmp_path / "pre"), fresh, include="^encoder/|pos_embedding")
+  params, copied = checkpoint.load_params(str(pre), fresh, include="^encoder/|pos_embedding")
   assert "pos_embedding" in copied and not any(p.startswith("head/") for p in copied)
   assert params["pos_embedding"].shape == (1, 36, 32)
   np.testing.assert_array_equal(params["encoder"]["norm"]["scale"], np.asarray(source["encoder"]["norm"]["scale"]))
@@ -107,31 +118,29 @@ def test_init_from_other_run_resizes_position_embedding(tiny_config, tmp_path):
   with sc.context():
     fresh = sc.init_state(jax.random.PRNGKey(0)).params
   with pytest.raises(UserError, match="init_prefix"):
-    checkpoint.load_params(str(tmp_path / "pre"), fresh, include="^img/encoder/")
-  params, copied = checkpoint.load_params(str(tmp_path / "pre"), fresh, "^img/encoder/", prefix="img/")
+    checkpoint.load_params(str(pre), fresh, include="^img/encoder/")
+  params, copied = checkpoint.load_params(str(pre), fresh, "^img/encoder/", prefix="img/")
   assert copied and all(p.startswith("img/encoder/") for p in copied)
   jax.tree.map(np.testing.assert_array_equal, params["img"]["encoder"], jax.device_get(source["encoder"]))
 
 
-def test_finetune_with_frozen_encoder_keeps_it_bitwise(tiny_config, tmp_path):
+def test_finetune_with_frozen_encoder_keeps_it_bitwise(pre, tiny_config, tmp_path):
   """init_from + optimizer.freeze on an FSDP mesh: the frozen encoder is the source's, bit for bit,
   through sharded updates and a checkpoint round trip; the head trains."""
-  cfg = tiny_config
-  cfg.total_steps, cfg.eval_every_steps, cfg.checkpoint_every_steps = 2, 100, 2
-  cfg.evals.pictures = 0
-  train.train(cfg, str(tmp_path / "pre"))
-  cfg.init_from, cfg.init_include = str(tmp_path / "pre"), "^encoder/"
+  cfg = _short(tiny_config)
+  cfg.total_steps, cfg.checkpoint_every_steps = 2, 2
+  cfg.init_from, cfg.init_include = str(pre), "^encoder/"  # its latest checkpoint: step 4
   cfg.optimizer.freeze, cfg.optimizer.lr_multipliers = "^encoder/", "^head/=10"
   cfg.mesh = "data=1,fsdp=8,tensor=1"
   train.train(cfg, str(tmp_path / "ft"))
   out = {}
-  for name in ("ft", "pre"):
+  for name, wd, step in (("ft", tmp_path / "ft", 2), ("pre", pre, 4)):
     if name == "pre":
       cfg.optimizer.freeze, cfg.optimizer.lr_multipliers = "", ""
     s = train.build(cfg)
-    ckpt = checkpoint.Checkpointer(str(tmp_path / name / "checkpoints"))
+    ckpt = checkpoint.Checkpointer(str(wd / "checkpoints"))
     with s.context():
-      out[name] = jax.device_get(ckpt.restore(2, s.abstract_state).params)
+      out[name] = jax.device_get(ckpt.restore(step, s.abstract_state).params)
     ckpt.close()
   jax.tree.map(np.testing.assert_array_equal, out["pre"]["encoder"], out["ft"]["encoder"])
   assert not np.array_equal(out["pre"]["head"]["kernel"], out["ft"]["head"]["kernel"])
