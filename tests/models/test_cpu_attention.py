@@ -11,12 +11,11 @@ import pytest
 
 from vlm_jax.errors import UserError
 from vlm_jax.models import cpu_attention
-from vlm_jax.models.precision import bf16_dot_general
+from vlm_jax.models.precision import MM_DTYPES, bf16_dot_general
 from vlm_jax.models.text import Decoder
 from vlm_jax.models.vit import ViT
 from vlm_jax.tasks.common import module_kwargs
 
-MM = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 TARGET = {"bfloat16": "vlm_jax_attention_", "float32": "vlm_jax_attention_f32_"}
 
 
@@ -37,7 +36,7 @@ def _xla_attention(q, k, v, causal, precision):
   return jnp.einsum("bhqt,bthk->bqhk", weights, v, _dot_general=dg)
 
 
-@pytest.mark.parametrize("precision", _builds("bfloat16", "float32"))
+@pytest.mark.parametrize("precision", _builds(*cpu_attention.PRECISIONS))
 @pytest.mark.parametrize("b,tq,tk,h,d,causal,dtype", [
     (2, 17, 17, 3, 16, False, jnp.float32),  # fewer rows than one micro-kernel block
     (2, 37, 37, 2, 8, True, jnp.float32),    # causal self-attention
@@ -65,14 +64,14 @@ def test_kernel_matches_xla_attention(b, tq, tk, h, d, causal, dtype, precision)
     np.testing.assert_array_equal(np.float32(out2[:, 0]), np.float32(out[:, 0]))
 
 
-@pytest.mark.parametrize("precision", _builds("bfloat16", "float32"))
+@pytest.mark.parametrize("precision", _builds(*cpu_attention.PRECISIONS))
 def test_models_pick_the_kernel_by_attention_setting(precision):
   x = jnp.asarray(np.random.default_rng(1).standard_normal((4, 16, 16, 3)), jnp.float32)
   grads, outs = {}, {}
   params = None  # the same for every setting
   for att in ("auto", "xla", "cpu_fused"):
-    model = ViT(num_classes=3, patch_size=4, width=32, depth=1, mlp_dim=64, num_heads=2, dtype_mm=MM[precision],
-                attention=att)
+    model = ViT(num_classes=3, patch_size=4, width=32, depth=1, mlp_dim=64, num_heads=2,
+                dtype_mm=MM_DTYPES[precision], attention=att)
     params = params or jax.jit(model.init)(jax.random.PRNGKey(0), x)
     loss = lambda p: jnp.sum(model.apply(p, x)[0] ** 2)
     fn = jax.jit(jax.value_and_grad(loss))
@@ -87,15 +86,15 @@ def test_models_pick_the_kernel_by_attention_setting(precision):
     np.testing.assert_allclose(a, b, rtol=10 * tol, atol=tol * float(jnp.abs(b).max()) + 1e-7)
 
 
-@pytest.mark.parametrize("precision", _builds("bfloat16", "float32"))
+@pytest.mark.parametrize("precision", _builds(*cpu_attention.PRECISIONS))
 def test_decoder_causal_and_cross_attention_match_xla(precision):
   rng = np.random.default_rng(2)
   tokens = jnp.asarray(rng.integers(1, 50, (3, 11)), jnp.int32)
   encoded = jnp.asarray(rng.standard_normal((3, 21, 32)), jnp.float32)
   res, params = {}, None
   for att in ("xla", "cpu_fused"):
-    dec = Decoder(vocab_size=50, width=32, depth=1, num_heads=2, mlp_dim=64, max_len=16, dtype_mm=MM[precision],
-                  attention=att)
+    dec = Decoder(vocab_size=50, width=32, depth=1, num_heads=2, mlp_dim=64, max_len=16,
+                  dtype_mm=MM_DTYPES[precision], attention=att)
     params = params or jax.jit(dec.init)(jax.random.PRNGKey(0), tokens, encoded)
     res[att] = jax.jit(jax.value_and_grad(lambda p, e: jnp.sum(dec.apply(p, tokens, e) ** 2), argnums=(0, 1)))(
         params, encoded)

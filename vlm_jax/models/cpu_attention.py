@@ -93,7 +93,8 @@ def unavailable(precision: str = "bfloat16") -> Optional[str]:
     return f"{what} runs on CPU only (the backend is {jax.default_backend()})"
   missing = [f for f in _BUILDS[precision][1] if f not in _cpu_flags()]
   if missing:
-    return f"{what} needs a CPU with {' and '.join(m.upper() for m in missing)} (this one lacks it); use attention='xla'"
+    needs = " and ".join(m.upper() for m in missing)
+    return f"{what} needs a CPU with {needs} (this one lacks it); use attention='xla'"
   reason = _build(precision)
   return f"{what} could not be built: {reason}" if reason else None
 

@@ -217,7 +217,8 @@ class MultiHeadAttention(nn.Module):
     # The bf16 build takes f32 or bf16 activations; the f32 one only f32 (plain f32 dots on bf16
     # activations round differently).
     precision = "bfloat16" if jnp.dtype(self.dtype_mm) == jnp.bfloat16 else "float32"
-    if jnp.dtype(self.dtype) not in ((jnp.float32, jnp.bfloat16) if precision == "bfloat16" else (jnp.float32,)):
+    takes = (jnp.float32, jnp.bfloat16) if precision == "bfloat16" else (jnp.float32,)
+    if jnp.dtype(self.dtype) not in takes:
       return None
     reason = cpu_attention.unavailable(precision)
     if self.attention == "auto":
