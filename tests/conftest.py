@@ -18,6 +18,14 @@ if "VLM_JAX_TEST_XLA_CACHE" not in os.environ:
 _XLA_CACHE = os.environ["VLM_JAX_TEST_XLA_CACHE"]
 os.environ.update(JAX_COMPILATION_CACHE_DIR=_XLA_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+# XLA:CPU spends most of a tiny program's compile in LLVM's optimisation passes (a 1-layer SigLIP
+# train step: 18 s at the default level, 6 s at 0), and the tests' programs run for milliseconds.
+# Level 0 changes only LLVM's code generation: the optimised HLO (fusion, layouts, sharding, the
+# dots' operand types that tests/models/test_precision.py reads) is the same, and so are the
+# results. Inherited by the xdist workers and the CLI subprocesses; an XLA_FLAGS that sets the
+# level already is left alone.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 import jax  # noqa: E402
 
