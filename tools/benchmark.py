@@ -84,7 +84,7 @@ def _vit_config(a, scan=None):
   c.model.update(dict(patch_size=a.patch, width=a.width, depth=a.depth, num_heads=a.heads, mlp_dim=4 * a.width,
                       pool="cls", ln_eps=1e-12, scan_layers=a.scan if scan is None else scan, remat="none",
                       dtype=a.dtype, param_dtype="float32", dtype_mm=a.dtype_mm,
-                      attention=a.attention))
+                      matmul=a.matmul, attention=a.attention))
   c.input.image_size = a.image_size
   c.optimizer.grad_clip_norm = 0.0  # the PyTorch loop does not clip either
   return c
@@ -116,10 +116,12 @@ def _caption_step(a):
   """Our Captioner (CLS-pooled ViT encoder, so 197 tokens like HF's ViTModel) + AdamW, jitted."""
   model = Captioner(encoder=dict(patch_size=a.patch, width=a.width, depth=a.depth, num_heads=a.heads,
                                  mlp_dim=4 * a.width, pool="cls", ln_eps=1e-12, scan_layers=a.scan,
-                                 dtype=_dtype(a.dtype), dtype_mm=_dtype(a.dtype_mm), attention=a.attention),
+                                 dtype=_dtype(a.dtype), dtype_mm=_dtype(a.dtype_mm), matmul=a.matmul,
+                                 attention=a.attention),
                     decoder=dict(vocab_size=a.vocab, width=a.width, depth=a.dec_depth, num_heads=a.heads,
                                  mlp_dim=4 * a.width, max_len=a.text_len, scan_layers=a.scan, dtype=_dtype(a.dtype),
-                                 dtype_mm=_dtype(a.dtype_mm), attention=a.attention))
+                                 dtype_mm=_dtype(a.dtype_mm), matmul=a.matmul,
+                                 attention=a.attention))
   rng = np.random.default_rng(0)
   batch = {"image": rng.standard_normal((a.batch, a.image_size, a.image_size, 3), np.float32),
            "tokens": rng.integers(1, a.vocab, (a.batch, a.text_len + 1)).astype(np.int32)}
@@ -236,7 +238,7 @@ def _compare(a, ours, theirs, flops_per_image, what, tokens=0):
   peak = flops.peak_flops_per_device(a.peak_tflops, dtype_mm=a.dtype_mm)  # the peak of the matmuls we run
   peak_f32 = flops.peak_flops_per_device(a.peak_tflops)
   out = {"benchmark": what, "device": jax.devices()[0].device_kind, "threads": a.threads, "dtype": a.dtype,
-         "dtype_mm": a.dtype_mm, "attention": a.attention, "batch": a.batch, "rounds": a.rounds, "steps_per_round": a.steps,
+         "dtype_mm": a.dtype_mm, "matmul": a.matmul, "attention": a.attention, "batch": a.batch, "rounds": a.rounds, "steps_per_round": a.steps,
          "compile_s": compile_s, "vlm_jax_images_per_s": ips, "vlm_jax_tflops": ips * flops_per_image / 1e12,
          "peak_tflops": peak / 1e12 if peak else None, "mfu": ips * flops_per_image / peak if peak else None,
          "peak_f32_tflops": peak_f32 / 1e12 if peak_f32 else None,
@@ -381,6 +383,9 @@ def _train_args(p):
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype (params stay f32)")
   p.add_argument("--dtype-mm", default="float32", choices=["float32", "bfloat16"],
                  help="our matmul operands (model.dtype_mm: bf16 products, f32 accumulation and activations)")
+  p.add_argument("--matmul", default="auto", choices=["auto", "xla", "cpu_fused"],
+                 help="model.matmul: XLA's dot or the CPU matmul kernel for f32 matmuls (auto: the kernel on AVX2 "
+                      "CPUs without AVX-512)")
   p.add_argument("--attention", default="auto", choices=["auto", "xla", "cpu_fused"],
                  help="model.attention: XLA's einsums or the fused CPU kernel (auto: the kernel with bf16 matmuls)")
   p.add_argument("--scan", action="store_true", help="scan over layers (default: unrolled, faster on CPU)")
@@ -439,7 +444,7 @@ def main(argv=None):
   c = sub.add_parser("compile", help="compile time, scanned vs unrolled layers")
   _model_args(c)
   c.add_argument("--depths", type=int, nargs="+", default=[2, 12, 24])
-  c.set_defaults(dtype="float32", dtype_mm="float32", attention="auto", scan=False)
+  c.set_defaults(dtype="float32", dtype_mm="float32", matmul="auto", attention="auto", scan=False)
   i = sub.add_parser("input", help="input pipeline images/s vs train step images/s")
   i.add_argument("--recipes", nargs="+", default=["configs/vit_shapes.py", "configs/cappa_shapes.py"])
   i.add_argument("--data-dir", default="")

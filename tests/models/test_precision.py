@@ -43,7 +43,7 @@ def test_bf16_products_and_gradients_equal_rounded_f32_einsum(spec, sa, sb):
 
 
 def test_dtype_mm_names():
-  assert precision.dot_general("float32") is jax.lax.dot_general
+  assert precision.dot_general("float32", "xla") is jax.lax.dot_general
   assert precision.dot_general(jnp.bfloat16) is precision.bf16_dot_general
   with pytest.raises(ValueError, match="dtype_mm must be one of"):
     precision.dot_general("float16")

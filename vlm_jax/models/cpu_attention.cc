@@ -17,15 +17,13 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <functional>
 #include <memory>
-#include <thread>
 #include <vector>
 
+#include "cpu_tasks.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -439,34 +437,6 @@ inline void softmax_grad_row(const float* pr, float* dr, int np, float scale) {
 }
 #endif
 
-// ---------------------------------------------------------------------------------------------
-// Work split: `n` tasks over the intra-op thread pool plus the calling thread. Tasks are claimed
-// from a shared counter, so a pool thread that starts late finds nothing left and the caller
-// never waits for a task nobody has begun.
-
-struct Split {
-  std::atomic<int> next{0};
-  std::atomic<int> done{0};
-  int n = 0;
-  std::function<void(int)> fn;
-};
-
-void run_tasks(ffi::ThreadPool& pool, int n, std::function<void(int)> fn) {
-  auto state = std::make_shared<Split>();
-  state->n = n;
-  state->fn = std::move(fn);
-  auto worker = [state]() {
-    for (int i; (i = state->next.fetch_add(1)) < state->n;) {
-      state->fn(i);
-      state->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  int helpers = int(std::min<int64_t>(pool.num_threads(), n)) - 1;
-  for (int t = 0; t < helpers; ++t) pool.Schedule([worker]() { worker(); });
-  worker();
-  while (state->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
-}
-
 struct Dims {
   int b, tq, tk, h, d;
 };
@@ -496,7 +466,7 @@ template <typename T>
 void forward(const Dims& dm, const T* q, const T* k, const T* v, T* out, float* lse, float scale,
              bool causal, ffi::ThreadPool& pool) {
   const long ld = long(dm.h) * dm.d;
-  run_tasks(pool, dm.b * dm.h, [&](int task) {
+  vlm_jax::run_tasks(pool, dm.b * dm.h, [&](int task) {
     int bi = task / dm.h, hi = task % dm.h;
     const T* qb = q + long(bi) * dm.tq * ld + long(hi) * dm.d;
     const T* kb = k + long(bi) * dm.tk * ld + long(hi) * dm.d;
@@ -533,7 +503,7 @@ template <typename T>
 void backward(const Dims& dm, const T* q, const T* k, const T* v, const float* lse, const T* dout, T* dq,
               T* dk, T* dv, float scale, bool causal, ffi::ThreadPool& pool) {
   const long ld = long(dm.h) * dm.d;
-  run_tasks(pool, dm.b * dm.h, [&](int task) {
+  vlm_jax::run_tasks(pool, dm.b * dm.h, [&](int task) {
     int bi = task / dm.h, hi = task % dm.h;
     long qoff = long(bi) * dm.tq * ld + long(hi) * dm.d, koff = long(bi) * dm.tk * ld + long(hi) * dm.d;
     const T *qb = q + qoff, *kb = k + koff, *vb = v + koff, *gb = dout + qoff;

@@ -96,11 +96,12 @@ class Mlp(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   dtype_mm: Dtype = jnp.float32
+  matmul: str = "auto"
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
     d = x.shape[-1]
-    dg = dot_general(self.dtype_mm)
+    dg = dot_general(self.dtype_mm, self.matmul)
     init = nn.initializers.xavier_uniform()
     h = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1", dot_general=dg,
                  kernel_init=logical(init, ("embed", "mlp")),
@@ -129,6 +130,7 @@ class MultiHeadAttention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   dtype_mm: Dtype = jnp.float32
+  matmul: str = "auto"
   attention: str = "auto"
 
   def _proj(self, name, x, heads, head_dim):
@@ -136,7 +138,7 @@ class MultiHeadAttention(nn.Module):
     k = self.param(f"{name}_kernel", logical(nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2)),
                                               ("embed", "heads", "kv")), (d, heads, head_dim), self.param_dtype)
     y = jnp.einsum("btd,dhk->bthk", x.astype(self.dtype), k.astype(self.dtype),
-                   _dot_general=dot_general(self.dtype_mm))
+                   _dot_general=dot_general(self.dtype_mm, self.matmul))
     if self.qkv_bias:
       b = self.param(f"{name}_bias", logical(nn.initializers.zeros, ("heads", "kv")), (heads, head_dim), self.param_dtype)
       y = y + b.astype(self.dtype)
@@ -164,7 +166,7 @@ class MultiHeadAttention(nn.Module):
     if d % self.num_heads:
       raise ValueError(f"width {d} is not divisible by num_heads {self.num_heads}")
     hd = d // self.num_heads
-    dg = dot_general(self.dtype_mm)
+    dg = dot_general(self.dtype_mm, self.matmul)
     q = self._proj("query", x, self.num_heads, hd)
     cross = context is not None or (decode and self.has_variable("cache", "cached_cross_key"))
     if cross and decode and self.has_variable("cache", "cached_cross_key"):
@@ -204,7 +206,7 @@ class MultiHeadAttention(nn.Module):
     wo = self.param("out_kernel", logical(nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2),
                                           ("heads", "kv", "embed")), (self.num_heads, hd, d), self.param_dtype)
     bo = self.param("out_bias", logical(nn.initializers.zeros, ("embed",)), (d,), self.param_dtype)
-    y = jnp.einsum("bqhk,hkd->bqd", out, wo.astype(self.dtype), _dot_general=dot_general(self.dtype_mm))
+    y = jnp.einsum("bqhk,hkd->bqd", out, wo.astype(self.dtype), _dot_general=dot_general(self.dtype_mm, self.matmul))
     return constrain(y + bo.astype(self.dtype), BTD)
 
   def _fused(self, mask, deterministic, decode) -> Optional[str]:
@@ -271,12 +273,13 @@ class EncoderBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   dtype_mm: Dtype = jnp.float32
+  matmul: str = "auto"
   attention: str = "auto"
 
   @nn.compact
   def __call__(self, x, mask=None):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    mm = dict(kw, dtype_mm=self.dtype_mm)
+    mm = dict(kw, dtype_mm=self.dtype_mm, matmul=self.matmul)
     drop = lambda y: nn.Dropout(self.dropout)(y, self.deterministic)
     x = constrain(x, BTD)
     ln1 = layer_norm(self.ln_eps, name="ln1", **kw)

@@ -22,7 +22,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from vlm_jax.models import cpu_kernels, cpu_matmul
+
 MM_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# How f32 matmuls run (dtype_mm="float32"): "auto" on the CPU matmul kernel (`models.cpu_matmul`)
+# on x86-64 CPUs with AVX2 + FMA and without AVX-512, else XLA's dot; "xla": always XLA's dot;
+# "cpu_fused": always the kernel (an error naming the cause if this machine cannot run it).
+# bf16 matmuls always use XLA's dot.
+MATMUL = ("auto", "xla", "cpu_fused")
 
 
 def _row_major(x, perm: Sequence[int]):
@@ -113,9 +121,23 @@ def bf16_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_elem
   return out if preferred_element_type is None else out.astype(preferred_element_type)
 
 
-def dot_general(dtype_mm) -> Callable:
-  """The dot_general for a `dtype_mm` (a name from MM_DTYPES or a dtype)."""
+def dot_general(dtype_mm, matmul: str = "auto") -> Callable:
+  """The dot_general for a `dtype_mm` (a name from MM_DTYPES or a dtype) and a `matmul` setting
+  (MATMUL)."""
   name = jnp.dtype(dtype_mm).name
   if name not in MM_DTYPES:
     raise ValueError(f"dtype_mm must be one of {sorted(MM_DTYPES)}, got {name!r}")
-  return bf16_dot_general if name == "bfloat16" else lax.dot_general
+  if matmul not in MATMUL:
+    raise ValueError(f"matmul={matmul!r} is not one of {MATMUL}")
+  if name == "bfloat16":
+    return bf16_dot_general
+  if matmul == "xla":
+    return lax.dot_general
+  reason = cpu_matmul.unavailable()
+  if matmul == "cpu_fused" and reason:
+    raise ValueError(f"{reason} (model.matmul='cpu_fused'; set it to 'auto' or 'xla')")
+  # auto: only where measured faster. On AVX-512 CPUs XLA's dot has 512-bit FMAs and the kernel,
+  # written for AVX2, was not measured against it.
+  if matmul == "auto" and (reason or "avx512f" in cpu_kernels.cpu_flags()):
+    return lax.dot_general
+  return cpu_matmul.dot_general

@@ -54,12 +54,13 @@ class DecoderBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   dtype_mm: Dtype = jnp.float32
+  matmul: str = "auto"
   attention: str = "auto"
 
   @nn.compact
   def __call__(self, x, encoded, self_mask=None):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    mm = dict(kw, dtype_mm=self.dtype_mm)
+    mm = dict(kw, dtype_mm=self.dtype_mm, matmul=self.matmul)
     drop = lambda y: nn.Dropout(self.dropout)(y, self.deterministic)
     x = constrain(x, BTD)
     y = layer_norm(self.ln_eps, name="ln1", **kw)(x)
@@ -100,6 +101,7 @@ class Decoder(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   dtype_mm: Dtype = jnp.float32  # matmul operands (see models.precision)
+  matmul: str = "auto"  # see models.precision.MATMUL
   attention: str = "auto"  # see layers.ATTENTION
 
   @nn.compact
@@ -141,7 +143,7 @@ class Decoder(nn.Module):
       raise ValueError("encoded may be None only in decode=True calls after the first")
     block_kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, max_len=self.max_len, dropout=self.dropout,
                     ln_eps=self.ln_eps, gelu_approximate=self.gelu_approximate, causal=causal, decode=decode,
-                    deterministic=deterministic, dtype_mm=self.dtype_mm, attention=self.attention, **kw)
+                    deterministic=deterministic, dtype_mm=self.dtype_mm, matmul=self.matmul, attention=self.attention, **kw)
     remat = "none" if decode else self.remat  # nothing to save for a backward pass while decoding
     args = (encoded,) if self_mask is None else (encoded, self_mask)
     x, _ = stack_layers(DecoderBlock, self.depth, self.scan_layers, remat)(block_kw)(x, *args)
@@ -175,6 +177,7 @@ class TextEncoder(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   dtype_mm: Dtype = jnp.float32  # matmul operands (see models.precision)
+  matmul: str = "auto"  # see models.precision.MATMUL
   attention: str = "auto"  # see layers.ATTENTION
 
   @nn.compact
@@ -201,7 +204,7 @@ class TextEncoder(nn.Module):
       mask = jnp.logical_and(mask, jnp.tril(jnp.ones((t, t), bool))[None, None])
     block_kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout, ln_eps=self.ln_eps,
                     gelu_approximate=self.gelu_approximate, post_ln=bert, deterministic=deterministic,
-                    dtype_mm=self.dtype_mm, attention=self.attention, **kw)
+                    dtype_mm=self.dtype_mm, matmul=self.matmul, attention=self.attention, **kw)
     x, _ = stack_layers(EncoderBlock, self.depth, self.scan_layers, self.remat)(block_kw)(x, mask)
     if not bert:
       x = layer_norm(self.ln_eps, name="norm", **kw)(x)

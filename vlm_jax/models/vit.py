@@ -33,13 +33,15 @@ class Encoder(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   dtype_mm: Dtype = jnp.float32
+  matmul: str = "auto"
   attention: str = "auto"
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
     kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout, ln_eps=self.ln_eps,
               gelu_approximate=self.gelu_approximate, deterministic=deterministic, dtype=self.dtype,
-              param_dtype=self.param_dtype, dtype_mm=self.dtype_mm, attention=self.attention)
+              param_dtype=self.param_dtype, dtype_mm=self.dtype_mm, matmul=self.matmul,
+              attention=self.attention)
     x, _ = stack_layers(EncoderBlock, self.depth, self.scan_layers, self.remat)(kw)(x)
     return layer_norm(self.ln_eps, self.dtype, self.param_dtype, "norm")(x)
 
@@ -53,12 +55,13 @@ class MAPHead(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   dtype_mm: Dtype = jnp.float32
+  matmul: str = "auto"
   attention: str = "auto"
 
   @nn.compact
   def __call__(self, x):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    mm = dict(kw, dtype_mm=self.dtype_mm)
+    mm = dict(kw, dtype_mm=self.dtype_mm, matmul=self.matmul)
     probe = self.param("probe", logical(nn.initializers.xavier_uniform(), (None, None, "embed")),
                        (1, 1, x.shape[-1]), self.param_dtype)
     probe = jnp.tile(probe.astype(self.dtype), (x.shape[0], 1, 1))
@@ -87,6 +90,7 @@ class ViT(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   dtype_mm: Dtype = jnp.float32  # matmul operands (see models.precision)
+  matmul: str = "auto"  # see models.precision.MATMUL
   attention: str = "auto"  # see layers.ATTENTION
 
   @nn.compact
@@ -111,14 +115,14 @@ class ViT(nn.Module):
     x = nn.Dropout(self.dropout)(x, not train)
     x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.dropout, self.ln_eps, self.gelu_approximate,
                 self.scan_layers, self.remat, name="encoder", dtype_mm=self.dtype_mm,
-                attention=self.attention, **kw)(x, not train)
+                matmul=self.matmul, attention=self.attention, **kw)(x, not train)
     if self.pool == "cls":
       pooled = x[:, 0]
     elif self.pool == "gap":
       pooled = x.mean(axis=1)
     elif self.pool == "map":
       pooled = MAPHead(self.num_heads, self.mlp_dim, self.ln_eps, self.gelu_approximate, name="map_head",
-                       dtype_mm=self.dtype_mm, attention=self.attention, **kw)(x)
+                       dtype_mm=self.dtype_mm, matmul=self.matmul, attention=self.attention, **kw)(x)
     else:
       pooled = x
     aux = {"tokens": x, "pooled": pooled}

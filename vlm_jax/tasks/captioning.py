@@ -45,7 +45,7 @@ class Task:
     m = cfg.model
     self.masked_pred_prob = float(m.get("masked_pred_prob", 0.0))
     self.decode_len = cfg.evals.decode_len or (inp.max_len - 1)
-    shared = {k: m[k] for k in ("dtype", "param_dtype", "dtype_mm", "attention") if k in m}  # compute/param dtypes of both towers
+    shared = {k: m[k] for k in ("dtype", "param_dtype", "dtype_mm", "matmul", "attention") if k in m}  # compute/param dtypes of both towers
     enc = module_kwargs({**m.encoder.to_dict(), **shared})
     dec = module_kwargs({**m.decoder.to_dict(), **shared})
     # Positions must cover the longest prompt (qa: the whole input.max_len row) plus the generated

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 
 from vlm_jax.errors import UserError
 from vlm_jax.models.layers import ATTENTION
-from vlm_jax.models.precision import MM_DTYPES
+from vlm_jax.models.precision import MATMUL, MM_DTYPES
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -21,4 +21,6 @@ def module_kwargs(model_cfg, exclude=()) -> dict:
       kw[key] = allowed[kw[key]]
   if kw.get("attention", "auto") not in ATTENTION:
     raise UserError(f"model.attention='{kw['attention']}' is not one of {', '.join(ATTENTION)}.")
+  if kw.get("matmul", "auto") not in MATMUL:
+    raise UserError(f"model.matmul='{kw['matmul']}' is not one of {', '.join(MATMUL)}.")
   return kw

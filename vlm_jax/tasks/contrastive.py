@@ -140,7 +140,7 @@ class Task:
     self.cfg, self.loss_kind = cfg, m.get("loss", "sigmoid")
     if self.loss_kind not in LOSSES:
       raise UserError(f"model.loss='{self.loss_kind}' is unknown; use {' or '.join(LOSSES)}.")
-    shared = {k: m[k] for k in ("dtype", "param_dtype", "dtype_mm", "attention") if k in m}
+    shared = {k: m[k] for k in ("dtype", "param_dtype", "dtype_mm", "matmul", "attention") if k in m}
     img = module_kwargs({**m.image.to_dict(), **shared})
     txt = module_kwargs({**m.text.to_dict(), **shared})
     self.text_init = m.get("text_init", "")
