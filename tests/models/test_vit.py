@@ -1,4 +1,5 @@
-"""ViT: output shapes per pooling, scan == unrolled, logical names on every parameter, posemb resize."""
+"""ViT: output shapes per pooling, scan == unrolled, logical names on every parameter, posemb resize,
+the patch embedding equals the conv it replaces."""
 
 import flax.linen as nn
 import jax
@@ -6,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vlm_jax.models.vit import ViT, resize_posemb
+from vlm_jax.models.vit import PatchEmbed, ViT, resize_posemb
 
 KW = dict(patch_size=8, width=32, depth=2, mlp_dim=48, num_heads=4)
 
@@ -75,3 +76,18 @@ def test_bf16_compute_keeps_f32_params():
   assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(p))
   logits, aux = m.apply(p, x)
   assert aux["tokens"].dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("matmul", ["xla", "auto"])
+def test_patch_embedding_equals_the_strided_conv_it_replaces(matmul):
+  """PatchEmbed holds a VALID stride-p conv's parameters and computes that conv (trailing pixels
+  that fill no patch dropped), in value and in gradient."""
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 35, 33, 3)), jnp.float32)
+  pe, conv = PatchEmbed(24, 8, matmul=matmul), nn.Conv(24, (8, 8), strides=(8, 8), padding="VALID")
+  params = jax.tree.map(lambda a: a + 0.1, nn.unbox(jax.jit(pe.init)(jax.random.PRNGKey(0), x)))
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, conv.init(jax.random.PRNGKey(0), x))
+  f = lambda m: jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(jnp.sin(m.apply(p, x))), argnums=(0, 1)))
+  (v1, g1), (v2, g2) = f(pe)(params, x), f(conv)(params, x)
+  np.testing.assert_allclose(v1, v2, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

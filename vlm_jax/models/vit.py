@@ -1,7 +1,7 @@
 """Vision Transformer: patch embedding, pre-LN encoder, pooling (cls / gap / map), optional head.
 
 Layout follows ViT/big_vision and maps one-to-one onto Hugging Face ViT / SigLIP vision models:
-conv patch embedding [p, p, C, D], learned position embedding over the patch grid (plus a
+patch embedding with a stride-p conv's parameters [p, p, C, D] (run as one matmul), learned position embedding over the patch grid (plus a
 class-token row first when `pool == "cls"`), optionally a LayerNorm on the embeddings
 (`pre_norm`, CLIP's `pre_layrnorm`), pre-LN blocks, final LayerNorm, then pooling.
 `resize_posemb` interpolates a position embedding to another grid when a checkpoint trained at
@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlm_jax.models.layers import BTD, EncoderBlock, Mlp, MultiHeadAttention, constrain, layer_norm, logical, stack_layers
+from vlm_jax.models.precision import dot_general
 
 Dtype = Any
 POOLS = ("cls", "gap", "map", "none")
@@ -44,6 +45,32 @@ class Encoder(nn.Module):
               attention=self.attention)
     x, _ = stack_layers(EncoderBlock, self.depth, self.scan_layers, self.remat)(kw)(x)
     return layer_norm(self.ln_eps, self.dtype, self.param_dtype, "norm")(x)
+
+
+class PatchEmbed(nn.Module):
+  """images [B, H, W, C] -> [B, H/p, W/p, width]: a stride-p, VALID p x p conv (kernel [p, p, C, width],
+  bias [width], as flax's Conv names them), computed as flattened patches times the kernel. XLA:CPU
+  runs this conv at a fraction of its matmul rate; the matmul also goes through dtype_mm/matmul."""
+  width: int
+  patch_size: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  dtype_mm: Dtype = jnp.float32
+  matmul: str = "auto"
+
+  @nn.compact
+  def __call__(self, images):
+    p = self.patch_size
+    b, h, w, c = images.shape
+    gh, gw = h // p, w // p  # VALID: trailing rows/columns that fill no patch are dropped
+    kernel = self.param("kernel", logical(nn.initializers.lecun_normal(), (None, None, None, "embed")),
+                        (p, p, c, self.width), self.param_dtype)
+    bias = self.param("bias", logical(nn.initializers.zeros, ("embed",)), (self.width,), self.param_dtype)
+    x = images[:, :gh * p, :gw * p].astype(self.dtype).reshape(b, gh, p, gw, p, c)
+    x = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, p * p * c)  # patches, flattened like the kernel
+    y = dot_general(self.dtype_mm, self.matmul)(x, kernel.astype(self.dtype).reshape(p * p * c, self.width),
+                                                (((2,), (0,)), ((), ())))
+    return (y + bias.astype(self.dtype)).reshape(b, gh, gw, self.width)
 
 
 class MAPHead(nn.Module):
@@ -99,9 +126,7 @@ class ViT(nn.Module):
       raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     p = self.patch_size
-    x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", name="embedding",
-                kernel_init=logical(nn.initializers.lecun_normal(), (None, None, None, "embed")),
-                bias_init=logical(nn.initializers.zeros, ("embed",)), **kw)(images.astype(self.dtype))
+    x = PatchEmbed(self.width, p, name="embedding", dtype_mm=self.dtype_mm, matmul=self.matmul, **kw)(images)
     b, h, w, d = x.shape
     x = x.reshape(b, h * w, d)
     if self.pool == "cls":
