@@ -91,5 +91,7 @@ def test_models_pick_the_kernel_by_matmul_setting_and_match_xla():
 
 def test_xla_setting_never_uses_the_kernel_and_bad_settings_are_clear_errors():
   assert dot_general("float32", "xla") is jax.lax.dot_general
+  with pytest.raises(ValueError, match="runs float32 matmuls only, but dtype_mm is bfloat16"):
+    dot_general("bfloat16", "cpu_fused")
   with pytest.raises(UserError, match="model.matmul='mkl' is not one of auto, xla, cpu_fused"):
     module_kwargs({"matmul": "mkl"})

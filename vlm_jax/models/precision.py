@@ -130,6 +130,9 @@ def dot_general(dtype_mm, matmul: str = "auto") -> Callable:
   if matmul not in MATMUL:
     raise ValueError(f"matmul={matmul!r} is not one of {MATMUL}")
   if name == "bfloat16":
+    if matmul == "cpu_fused":
+      raise ValueError("model.matmul='cpu_fused' runs float32 matmuls only, but dtype_mm is bfloat16; set "
+                       "matmul to 'auto' or 'xla'")
     return bf16_dot_general
   if matmul == "xla":
     return lax.dot_general
