@@ -87,13 +87,13 @@ void pack_b(const Operand& b, long k0, int kc, long n, float* dst) {
 }
 
 // The MR x NR tile at c (row stride ldc) = (its old value if `add`) + a b over kc, where a is one
-// packed micro-panel of A and b a panel of B: NR floats per k, rows ldb apart.
+// packed micro-panel of A and b one packed panel of B.
 // The 12 accumulators are named variables, not an array: GCC keeps an array of __m256 on the stack
 // and stores it back on every step of the k loop, which halves the kernel's speed.
-void micro(const float* a, const float* b, long ldb, int kc, float* c, long ldc, bool add) {
+void micro(const float* a, const float* b, int kc, float* c, long ldc, bool add) {
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
          c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  for (int k = 0; k < kc; ++k, a += MR, b += ldb) {
+  for (int k = 0; k < kc; ++k, a += MR, b += NR) {
     const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
     __m256 av = _mm256_broadcast_ss(a);
     c00 = _mm256_fmadd_ps(av, b0, c00);
@@ -127,11 +127,11 @@ void micro(const float* a, const float* b, long ldb, int kc, float* c, long ldc,
 }
 
 // micro() on a tile of which only `rows` x `cols` lie inside C: through a full-size copy.
-void micro_edge(const float* a, const float* b, long ldb, int kc, float* c, long ldc, int rows, int cols, bool add) {
+void micro_edge(const float* a, const float* b, int kc, float* c, long ldc, int rows, int cols, bool add) {
   float tile[MR * NR] = {};
   if (add)
     for (int r = 0; r < rows; ++r) std::memcpy(tile + r * NR, c + r * ldc, sizeof(float) * cols);
-  micro(a, b, ldb, kc, tile, NR, add);
+  micro(a, b, kc, tile, NR, add);
   for (int r = 0; r < rows; ++r) std::memcpy(c + r * ldc, tile + r * NR, sizeof(float) * cols);
 }
 
@@ -148,19 +148,14 @@ inline long round_up(long x, long m) { return (x + m - 1) / m * m; }
 void matmul(const Operand& a, const Operand& b, float* c, long m, long n, long k, ffi::ThreadPool& pool) {
   const long np = round_up(n, NR);
   const int chunks = int((k + KC - 1) / KC);
-  // A row-major B whose rows are whole panels is read in place (its panels are strided views);
-  // any other is packed first.
-  const bool direct = !b.t && n % NR == 0;
-  float* bpacked = nullptr;
-  if (!direct) {
-    std::vector<float>& bp = scratch.b;  // the caller's buffer: concurrent calls run on other threads
-    bp.resize(size_t(np) * k);
-    bpacked = bp.data();
-    vlm_jax::run_tasks(pool, chunks, [&](int ch) {
-      long k0 = long(ch) * KC;
-      pack_b(b, k0, int(std::min<long>(KC, k - k0)), n, bpacked + k0 * np);
-    });
-  }
+  // Packed B: contiguous panels (reading a row-major B in place, as strided panels, measured slower).
+  std::vector<float>& bp = scratch.b;  // the caller's buffer: concurrent calls run on other threads
+  bp.resize(size_t(np) * k);
+  float* bpacked = bp.data();
+  vlm_jax::run_tasks(pool, chunks, [&](int ch) {
+    long k0 = long(ch) * KC;
+    pack_b(b, k0, int(std::min<long>(KC, k - k0)), n, bpacked + k0 * np);
+  });
   // Blocks small enough that every thread gets several, large enough to reuse each packed panel.
   const int threads = std::max(1, int(pool.num_threads()));
   long mc = std::min<long>(96, std::max<long>(24, round_up((m + 4 * threads - 1) / (4 * threads), MR)));
@@ -180,16 +175,15 @@ void matmul(const Operand& a, const Operand& b, float* c, long m, long n, long k
       int kc = int(std::min<long>(KC, k - k0));
       pack_a(a, i0, rows, k0, kc, ap.data());
       for (long j = j0; j < j1; j += NR) {
-        const float* panel = direct ? b.p + k0 * b.ld + j : bpacked + k0 * np + j * kc;
-        const long ldb = direct ? b.ld : NR;
+        const float* panel = bpacked + k0 * np + j * kc;
         int cols = int(std::min<long>(NR, n - j));
         for (int p = 0; p < rows; p += MR) {
           const float* apanel = ap.data() + long(p) * kc;
           float* tile = c + (i0 + p) * n + j;
           if (rows - p >= MR && cols == NR)
-            micro(apanel, panel, ldb, kc, tile, n, ch > 0);
+            micro(apanel, panel, kc, tile, n, ch > 0);
           else
-            micro_edge(apanel, panel, ldb, kc, tile, n, std::min(MR, rows - p), cols, ch > 0);
+            micro_edge(apanel, panel, kc, tile, n, std::min(MR, rows - p), cols, ch > 0);
         }
       }
     }
