@@ -54,3 +54,16 @@ def tiny_config(data_dir):
   cfg = config.load(os.path.join(REPO, "configs/vit_shapes.py:tiny"))
   cfg.data_dir = data_dir
   return cfg
+
+
+# The test files that take longest (about 60-300 s each on 2 cores), longest first. With
+# `--dist loadfile` each file runs whole on one worker, in collection order; starting the long ones
+# first keeps one worker from running a long file alone at the end while the other idles.
+SLOW_FIRST = ("tests/test_parallel.py", "tests/test_configs.py", "tests/test_cli.py", "tests/tasks/test_contrastive.py",
+              "tests/tasks/test_captioning.py", "tests/test_multiprocess.py", "tests/test_reliability_resume.py",
+              "tests/test_train.py", "tests/models/test_text.py", "tests/test_decode.py", "tests/hf/test_convert_cli.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {f: i for i, f in enumerate(SLOW_FIRST)}
+  items.sort(key=lambda item: rank.get(os.path.relpath(str(item.path), REPO), len(rank)))  # stable
