@@ -2,12 +2,13 @@
 // op transposes a row-major operand when asked, so a layer's forward (x W), input gradient
 // (dy W^T) and weight gradient (x^T dy) each run as one call without a transposed copy.
 //
-// Why it exists: XLA:CPU's f32 dot reaches 140-170 GFLOP/s on large square products on a 2-core
-// AVX2 machine but 50-100 on a transformer's tall, thin ones (6304 x 192 x 576 for ViT-Ti's q/k/v
-// at batch 32), which dominate a CPU train step. This is a GotoBLAS-style blocked product: B is
-// packed once per call into 16-column panels of KC rows (a panel stays in L1), each task packs an
-// MC x KC block of A (in L2) into 6-row micro-panels, and a 6 x 16 micro-kernel keeps its tile of
-// C in 12 ymm registers.
+// Why it exists: in a CPU train step XLA:CPU ran the projections' dots (6304 x 192 x 576 for
+// ViT-Ti's q/k/v at batch 32) at 54-104 GFLOP/s on a 2-core AVX2 machine, and autodiff's transposed
+// operands cost copies. Alone, this kernel and XLA's dot both reach 110-150 on those shapes; in the
+// step the kernel is about 4% faster (BENCHMARKS.md, session 8). It is a GotoBLAS-style blocked
+// product: B is packed once per call into 16-column panels of KC rows (a panel stays in L1), each
+// task packs an MC x KC block of A (in L2) into 6-row micro-panels, and a 6 x 16 micro-kernel keeps
+// its tile of C in 12 ymm registers.
 
 #include <immintrin.h>
 
@@ -32,7 +33,6 @@ struct Operand {
   const float* p;
   long ld;  // row stride of the stored array
   bool t;
-  float at(long r, long c) const { return t ? p[c * ld + r] : p[r * ld + c]; }
 };
 
 // op(A) rows [i0, i0 + rows), reduction [k0, k0 + kc) -> micro-panels [rows / MR][kc][MR], zero
