@@ -42,6 +42,8 @@ import optax  # noqa: E402
 
 from vlm_jax import config as config_lib, decode, flops, optim, parallel, train  # noqa: E402
 from vlm_jax.data import pipeline, sources  # noqa: E402
+from vlm_jax.models.layers import ATTENTION  # noqa: E402
+from vlm_jax.models.precision import MATMUL  # noqa: E402
 from vlm_jax.models.vlm import Captioner  # noqa: E402
 
 
@@ -238,7 +240,8 @@ def _compare(a, ours, theirs, flops_per_image, what, tokens=0):
   peak = flops.peak_flops_per_device(a.peak_tflops, dtype_mm=a.dtype_mm)  # the peak of the matmuls we run
   peak_f32 = flops.peak_flops_per_device(a.peak_tflops)
   out = {"benchmark": what, "device": jax.devices()[0].device_kind, "threads": a.threads, "dtype": a.dtype,
-         "dtype_mm": a.dtype_mm, "matmul": a.matmul, "attention": a.attention, "batch": a.batch, "rounds": a.rounds, "steps_per_round": a.steps,
+         "dtype_mm": a.dtype_mm, "matmul": a.matmul, "attention": a.attention, "batch": a.batch, "rounds": a.rounds,
+         "steps_per_round": a.steps,
          "compile_s": compile_s, "vlm_jax_images_per_s": ips, "vlm_jax_tflops": ips * flops_per_image / 1e12,
          "peak_tflops": peak / 1e12 if peak else None, "mfu": ips * flops_per_image / peak if peak else None,
          "peak_f32_tflops": peak_f32 / 1e12 if peak_f32 else None,
@@ -383,11 +386,12 @@ def _train_args(p):
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype (params stay f32)")
   p.add_argument("--dtype-mm", default="float32", choices=["float32", "bfloat16"],
                  help="our matmul operands (model.dtype_mm: bf16 products, f32 accumulation and activations)")
-  p.add_argument("--matmul", default="auto", choices=["auto", "xla", "cpu_fused"],
+  p.add_argument("--matmul", default="auto", choices=MATMUL,
                  help="model.matmul: XLA's dot or the CPU matmul kernel for f32 matmuls (auto: the kernel on AVX2 "
                       "CPUs without AVX-512)")
-  p.add_argument("--attention", default="auto", choices=["auto", "xla", "cpu_fused"],
-                 help="model.attention: XLA's einsums or the fused CPU kernel (auto: the kernel with bf16 matmuls)")
+  p.add_argument("--attention", default="auto", choices=ATTENTION,
+                 help="model.attention: XLA's einsums or the fused CPU kernel (auto: its build for dtype_mm "
+                      "where this CPU can run it)")
   p.add_argument("--scan", action="store_true", help="scan over layers (default: unrolled, faster on CPU)")
   p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (medians are reported)")
   p.add_argument("--steps", type=int, default=2, help="train steps per round and framework")

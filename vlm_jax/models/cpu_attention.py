@@ -31,16 +31,11 @@ def unavailable(precision: str = "bfloat16") -> Optional[str]:
   return f"{reason}; use attention='xla'" if reason else None
 
 
-def _target(precision: str, part: str) -> str:
-  """The FFI target of one half of the kernel, built and registered on first use."""
-  name = "vlm_jax_attention" if precision == "bfloat16" else "vlm_jax_attention_f32"
-  return cpu_kernels.target(f"attention_{precision}", f"{name}_{part}")
-
-
 def _fwd_call(q, k, v, scale, causal, precision):
   b, tq, h, _ = q.shape
   out = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, tq), jnp.float32))
-  call = jax.ffi.ffi_call(_target(precision, "fwd"), out, vmap_method="sequential")
+  call = jax.ffi.ffi_call(cpu_kernels.target(f"attention_{precision}", "VlmAttentionFwd"), out,
+                          vmap_method="sequential")
   return call(q, k, v, scale=np.float32(scale), causal=np.int32(causal))
 
 
@@ -59,7 +54,8 @@ def _attention_fwd(q, k, v, scale, causal, precision):
 def _attention_bwd(scale, causal, precision, res, g):
   q, k, v, lse = res
   shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
-  call = jax.ffi.ffi_call(_target(precision, "bwd"), shapes, vmap_method="sequential")
+  call = jax.ffi.ffi_call(cpu_kernels.target(f"attention_{precision}", "VlmAttentionBwd"), shapes,
+                          vmap_method="sequential")
   return tuple(call(q, k, v, lse, g.astype(q.dtype), scale=np.float32(scale), causal=np.int32(causal)))
 
 

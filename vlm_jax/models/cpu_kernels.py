@@ -4,8 +4,8 @@ Each entry of `KERNELS` is one build of one C++ source: its compiler flags, the 
 needs (from /proc/cpuinfo), and the XLA FFI targets it registers (target name -> exported
 symbol). A build is compiled once per source, flags and jaxlib version into `$VLM_JAX_CACHE`
 (default `~/.cache/vlm_jax`), loaded with ctypes and registered on first use. `unavailable(name)`
-says why a build cannot run here (None when it can); `target(name, target)` returns a target's
-name, building it first, or raises with that reason.
+says why a build cannot run here (None when it can); `target(name, symbol)` returns the FFI target
+registered for one exported handler of a build, building it first, or raises with that reason.
 """
 
 import ctypes
@@ -38,7 +38,8 @@ class Build(NamedTuple):
 KERNELS = {
     "attention_bfloat16": Build("the fused CPU attention kernel (bfloat16 matmuls)", "cpu_attention.cc",
                                 ("-DVLM_ATTENTION_BF16", *_AVX512_BF16), ("avx512_bf16",),
-                                {"vlm_jax_attention_fwd": "VlmAttentionFwd", "vlm_jax_attention_bwd": "VlmAttentionBwd"}),
+                                {"vlm_jax_attention_fwd": "VlmAttentionFwd",
+                                 "vlm_jax_attention_bwd": "VlmAttentionBwd"}),
     "attention_float32": Build("the fused CPU attention kernel (float32 matmuls)", "cpu_attention.cc", tuple(_AVX2),
                                ("avx2", "fma"), {"vlm_jax_attention_f32_fwd": "VlmAttentionFwd",
                                                  "vlm_jax_attention_f32_bwd": "VlmAttentionBwd"}),
@@ -108,10 +109,10 @@ def unavailable(name: str) -> Optional[str]:
   return f"{b.what} could not be built: {reason}" if reason else None
 
 
-def target(name: str, target: str) -> str:
-  """The FFI target `target` of build `name`, built and registered on first use."""
+def target(name: str, symbol: str) -> str:
+  """The FFI target of build `name` that runs its exported handler `symbol`, built and registered
+  on first use."""
   reason = unavailable(name)
   if reason:
     raise RuntimeError(reason)
-  assert target in KERNELS[name].targets, target
-  return target
+  return next(t for t, s in KERNELS[name].targets.items() if s == symbol)

@@ -20,7 +20,7 @@ from jax import lax
 
 from vlm_jax.models import cpu_kernels
 
-_BUILD, _TARGET = "matmul_float32", "vlm_jax_matmul_f32"
+_BUILD = "matmul_float32"
 
 
 def unavailable() -> Optional[str]:
@@ -30,7 +30,7 @@ def unavailable() -> Optional[str]:
 def _call(a, b, trans_a: bool, trans_b: bool):
   m = a.shape[1] if trans_a else a.shape[0]
   n = b.shape[0] if trans_b else b.shape[1]
-  call = jax.ffi.ffi_call(cpu_kernels.target(_BUILD, _TARGET), jax.ShapeDtypeStruct((m, n), jnp.float32),
+  call = jax.ffi.ffi_call(cpu_kernels.target(_BUILD, "VlmMatmulF32"), jax.ShapeDtypeStruct((m, n), jnp.float32),
                           vmap_method="sequential")
   return call(a, b, trans_a=np.int32(trans_a), trans_b=np.int32(trans_b))
 
@@ -57,16 +57,15 @@ def _matmul_bwd(trans_a, trans_b, res, g):
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-def _as_2d(ndim: int, contracting, leading_means_transposed: bool):
-  """How an operand with these contracting axes reads as a 2-D matrix: (transposed, n_free) when
-  they are a contiguous run at the start or the end, else None. For the left operand the natural
+def _transposed(ndim: int, contracting, leading_means_transposed: bool) -> Optional[bool]:
+  """Whether an operand with these contracting axes reads as its 2-D matrix transposed, when they
+  are a contiguous run at the start or the end (else None). For the left operand the natural
   layout is [free, k]; for the right one [k, free]."""
   c = tuple(contracting)
-  nc = len(c)
-  if c == tuple(range(nc)):
-    return leading_means_transposed, ndim - nc
-  if c == tuple(range(ndim - nc, ndim)):
-    return not leading_means_transposed, ndim - nc
+  if c == tuple(range(len(c))):
+    return leading_means_transposed
+  if c == tuple(range(ndim - len(c), ndim)):
+    return not leading_means_transposed
   return None
 
 
@@ -78,15 +77,14 @@ def _multi_device() -> bool:
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
   """`lax.dot_general` that runs on the kernel where it applies (see the module docstring)."""
   (lc, rc), (lb, rb) = dimension_numbers
-  left = _as_2d(lhs.ndim, lc, leading_means_transposed=True)
-  right = _as_2d(rhs.ndim, rc, leading_means_transposed=False)
-  fits = (not lb and not rb and left is not None and right is not None and lc and list(lc) == sorted(lc)
+  ta = _transposed(lhs.ndim, lc, leading_means_transposed=True)
+  tb = _transposed(rhs.ndim, rc, leading_means_transposed=False)
+  fits = (not lb and not rb and ta is not None and tb is not None and lc and list(lc) == sorted(lc)
           and list(rc) == sorted(rc) and lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
           and preferred_element_type in (None, jnp.float32) and not _multi_device())
   if not fits:
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type, **kw)
-  (ta, _), (tb, _) = left, right
   k = math.prod(lhs.shape[i] for i in lc)
   lfree = [lhs.shape[i] for i in range(lhs.ndim) if i not in lc]
   rfree = [rhs.shape[i] for i in range(rhs.ndim) if i not in rc]

@@ -143,7 +143,8 @@ class Decoder(nn.Module):
       raise ValueError("encoded may be None only in decode=True calls after the first")
     block_kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, max_len=self.max_len, dropout=self.dropout,
                     ln_eps=self.ln_eps, gelu_approximate=self.gelu_approximate, causal=causal, decode=decode,
-                    deterministic=deterministic, dtype_mm=self.dtype_mm, matmul=self.matmul, attention=self.attention, **kw)
+                    deterministic=deterministic, dtype_mm=self.dtype_mm, matmul=self.matmul, attention=self.attention,
+                    **kw)
     remat = "none" if decode else self.remat  # nothing to save for a backward pass while decoding
     args = (encoded,) if self_mask is None else (encoded, self_mask)
     x, _ = stack_layers(DecoderBlock, self.depth, self.scan_layers, remat)(block_kw)(x, *args)

@@ -1,8 +1,8 @@
 """Vision Transformer: patch embedding, pre-LN encoder, pooling (cls / gap / map), optional head.
 
 Layout follows ViT/big_vision and maps one-to-one onto Hugging Face ViT / SigLIP vision models:
-patch embedding with a stride-p conv's parameters [p, p, C, D] (run as one matmul), learned position embedding over the patch grid (plus a
-class-token row first when `pool == "cls"`), optionally a LayerNorm on the embeddings
+patch embedding with a stride-p conv's parameters [p, p, C, D] (run as one matmul), learned
+position embedding over the patch grid (plus a class-token row first when `pool == "cls"`), optionally a LayerNorm on the embeddings
 (`pre_norm`, CLIP's `pre_layrnorm`), pre-LN blocks, final LayerNorm, then pooling.
 `resize_posemb` interpolates a position embedding to another grid when a checkpoint trained at
 one resolution initialises a model at another.
