@@ -26,13 +26,27 @@ from vlm_jax.errors import UserError
 from vlm_jax.optim import param_path
 
 
+def _type_handlers():
+  """Orbax's standard type handlers, with replica-parallel array saving only across processes.
+
+  Replica-parallel saving splits each replicated array into one slice per replica so that several
+  hosts share its write. In one process it saves nothing, and it compiles one slicing program per
+  array shape on the first save: 20 s for 60 small replicated arrays on 8 CPU devices, against
+  0.3 s without it.
+  """
+  th = ocp.type_handlers
+  pairs = [(t, th.get_type_handler(t)) for t in th.supported_types() if t is not jax.Array]
+  arrays = th.ArrayHandler(use_replica_parallel=jax.process_count() > 1)
+  return th.create_type_handler_registry(*pairs, (jax.Array, arrays))
+
+
 class Checkpointer:
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                            create=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                        item_handlers=ocp.StandardCheckpointHandler())
+    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_type_handlers())
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handler)
     self._unconfirmed = None  # the step of an async save not yet known to be committed
 
   def latest_step(self):
@@ -41,7 +55,7 @@ class Checkpointer:
   def save(self, step: int, state, force: bool = False) -> bool:
     self.wait()  # a failure of the previous async save surfaces here, naming that step
     with _SaveFailure(self, step):
-      saved = self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+      saved = self.manager.save(step, args=ocp.args.PyTreeSave(state), force=force)
     self._unconfirmed = step if saved else None
     return saved
 
@@ -127,14 +141,18 @@ class Checkpointer:
   def restore(self, step: int, abstract_state):
     """Restores `step` onto the shardings of `abstract_state` (ShapeDtypeStructs with .sharding)."""
     self.check_compatible(step, abstract_state)
-    return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    return self._restore(step, abstract_state)
+
+  def _restore(self, step: int, abstract_state):
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+    return self.manager.restore(step, args=ocp.args.PyTreeRestore(abstract_state, restore_args=restore_args))
 
   def restore_host(self, step: int):
     """The whole saved tree of `step` as numpy arrays, without a config (tools, init_from)."""
     meta = self.manager.item_metadata(step)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
-    return jax.device_get(self.manager.restore(step, args=ocp.args.StandardRestore(abstract)))
+    return jax.device_get(self._restore(step, abstract))
 
   def wait(self):
     with _SaveFailure(self, self._unconfirmed):
