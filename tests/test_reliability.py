@@ -82,6 +82,28 @@ def test_damaged_latest_steps_fall_back_and_are_set_aside(three_steps, tmp_path,
   assert steps == [1, 2, 3]
 
 
+def test_one_process_saves_a_replicated_state_without_compiling(tmp_path):
+  """Replica-parallel saving would trace and compile a slicing program per array shape here."""
+  mesh = jax.make_mesh((8,), ("data",))
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  rng = np.random.default_rng(0)
+  state = {f"w{i}": jax.device_put(rng.normal(size=(40 + i, 24)).astype(np.float32), rep) for i in range(6)}
+  traced = []
+  listen = lambda event, secs, **kw: traced.append(event) if event.endswith("jaxpr_trace_duration") else None
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "ck"))
+  try:
+    ckpt.save(1, state)
+    ckpt.wait()
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  assert traced == []
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+  restored = ckpt.restore(1, abstract)
+  ckpt.close()
+  assert _equal(restored, state) and all(r.sharding == rep for r in jax.tree.leaves(restored))
+
+
 def test_no_restorable_step_is_one_error_and_nothing_is_deleted(three_steps, tmp_path):
   cfg, good = three_steps
   wd = str(tmp_path / "run")
