@@ -85,8 +85,11 @@ def test_models_pick_the_kernel_by_matmul_setting_and_match_xla():
     res[mm] = fn(params)
   (lx, gx), (lk, gk) = res["xla"], res["cpu_fused"]
   np.testing.assert_allclose(lk, lx, rtol=1e-5)
+  # Against the largest gradient: the key biases' gradients are zero in exact arithmetic (softmax
+  # ignores a shift shared by all logits), so both sides hold rounding noise there.
+  scale = max(float(jnp.abs(b).max()) for b in jax.tree.leaves(gx))
   for a, b in zip(jax.tree.leaves(gk), jax.tree.leaves(gx)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()) + 1e-7)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * scale)
 
 
 def test_xla_setting_never_uses_the_kernel_and_bad_settings_are_clear_errors():

@@ -1,4 +1,5 @@
-"""Builds and registers the hand-written XLA:CPU kernels (`cpu_attention.cc`, `cpu_matmul.cc`).
+"""Builds and registers the hand-written XLA:CPU kernels (`cpu_attention.cc`, `cpu_matmul.cc`,
+`cpu_norm.cc`).
 
 Each entry of `KERNELS` is one build of one C++ source: its compiler flags, the CPU flags it
 needs (from /proc/cpuinfo), and the XLA FFI targets it registers (target name -> exported
@@ -45,6 +46,12 @@ KERNELS = {
                                                  "vlm_jax_attention_f32_bwd": "VlmAttentionBwd"}),
     "matmul_float32": Build("the CPU matmul kernel (float32)", "cpu_matmul.cc", tuple(_AVX2), ("avx2", "fma"),
                             {"vlm_jax_matmul_f32": "VlmMatmulF32"}),
+    "layer_norm_float32": Build("the CPU LayerNorm kernel (float32)", "cpu_norm.cc",
+                                # no contraction of the scalar tails into FMAs: an FMA there would
+                                # subtract a row mean taken from differently rounded products
+                                (*_AVX2, "-ffp-contract=off"), ("avx2", "fma"),
+                                {"vlm_jax_layer_norm_fwd": "VlmLayerNormFwd",
+                                 "vlm_jax_layer_norm_bwd": "VlmLayerNormBwd"}),
 }
 
 
@@ -95,6 +102,13 @@ def _build(name: str) -> str:
   for target, symbol in b.targets.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(so, symbol)), platform="cpu")
   return ""
+
+
+def multi_device() -> bool:
+  """Whether the program being traced runs under a mesh of several devices. The kernels have no
+  sharding rule, so XLA would gather their operands onto every device: callers use XLA there."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return not mesh.empty and mesh.size > 1
 
 
 def unavailable(name: str) -> Optional[str]:

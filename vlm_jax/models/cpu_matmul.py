@@ -69,11 +69,6 @@ def _transposed(ndim: int, contracting, leading_means_transposed: bool) -> Optio
   return None
 
 
-def _multi_device() -> bool:
-  mesh = jax.sharding.get_abstract_mesh()
-  return not mesh.empty and mesh.size > 1
-
-
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
   """`lax.dot_general` that runs on the kernel where it applies (see the module docstring)."""
   (lc, rc), (lb, rb) = dimension_numbers
@@ -81,7 +76,7 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
   tb = _transposed(rhs.ndim, rc, leading_means_transposed=False)
   fits = (not lb and not rb and ta is not None and tb is not None and lc and list(lc) == sorted(lc)
           and list(rc) == sorted(rc) and lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
-          and preferred_element_type in (None, jnp.float32) and not _multi_device())
+          and preferred_element_type in (None, jnp.float32) and not cpu_kernels.multi_device())
   if not fits:
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type, **kw)

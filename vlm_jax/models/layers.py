@@ -21,8 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.models import cpu_attention
-from vlm_jax.models.precision import dot_general
+from vlm_jax.models import cpu_attention, cpu_kernels, cpu_norm
+from vlm_jax.models.precision import cpu_kernels_on, dot_general
 
 Dtype = Any
 
@@ -250,10 +250,31 @@ def _sharded_kernel(q, k, v, scale, causal, precision):
   return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
 
 
-def layer_norm(eps, dtype, param_dtype, name):
-  return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name,
-                      scale_init=logical(nn.initializers.ones, ("embed",)),
-                      bias_init=logical(nn.initializers.zeros, ("embed",)))
+class LayerNorm(nn.LayerNorm):
+  """`nn.LayerNorm` (same parameters and math), run by the CPU LayerNorm kernel (`models.cpu_norm`)
+  when `kernel` is set and the input, compute and parameter dtypes are float32."""
+  kernel: bool = False
+
+  @nn.compact
+  def __call__(self, x, *, mask=None):
+    plain = (self.use_scale and self.use_bias and self.reduction_axes == -1 and self.feature_axes == -1
+             and mask is None)
+    dtype = self.dtype or jnp.promote_types(x.dtype, self.param_dtype)  # as nn.LayerNorm infers it
+    if not (self.kernel and plain and x.dtype == dtype == self.param_dtype == jnp.float32
+            and not cpu_kernels.multi_device()):
+      return super().__call__(x, mask=mask)
+    d = x.shape[-1]
+    scale = self.param("scale", self.scale_init, (d,), self.param_dtype)
+    bias = self.param("bias", self.bias_init, (d,), self.param_dtype)
+    return cpu_norm.layer_norm(x, scale, bias, self.epsilon)
+
+
+def layer_norm(eps, dtype, param_dtype, name, matmul: str = "auto"):
+  """A LayerNorm over the embedding axis; `matmul` (models.precision.MATMUL) also picks the kernel."""
+  return LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name,
+                   kernel=cpu_kernels_on(matmul, cpu_norm.unavailable, "LayerNorms"),
+                   scale_init=logical(nn.initializers.ones, ("embed",)),
+                   bias_init=logical(nn.initializers.zeros, ("embed",)))
 
 
 class EncoderBlock(nn.Module):
@@ -282,8 +303,8 @@ class EncoderBlock(nn.Module):
     mm = dict(kw, dtype_mm=self.dtype_mm, matmul=self.matmul)
     drop = lambda y: nn.Dropout(self.dropout)(y, self.deterministic)
     x = constrain(x, BTD)
-    ln1 = layer_norm(self.ln_eps, name="ln1", **kw)
-    ln2 = layer_norm(self.ln_eps, name="ln2", **kw)
+    ln1 = layer_norm(self.ln_eps, name="ln1", matmul=self.matmul, **kw)
+    ln2 = layer_norm(self.ln_eps, name="ln2", matmul=self.matmul, **kw)
     attn = MultiHeadAttention(self.num_heads, name="attn", attention=self.attention, **mm)
     mlp = Mlp(self.mlp_dim, dropout=self.dropout, gelu_approximate=self.gelu_approximate, name="mlp", **mm)
     if self.post_ln:

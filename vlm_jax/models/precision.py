@@ -15,7 +15,7 @@ returns gradients in the operands' dtypes.
 
 import math
 from functools import partial
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,11 +26,28 @@ from vlm_jax.models import cpu_kernels, cpu_matmul
 
 MM_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
-# How f32 matmuls run (dtype_mm="float32"): "auto" on the CPU matmul kernel (`models.cpu_matmul`)
-# on x86-64 CPUs with AVX2 + FMA and without AVX-512, else XLA's dot; "xla": always XLA's dot;
-# "cpu_fused": always the kernel (an error naming the cause if this machine cannot run it).
-# bf16 matmuls always use XLA's dot.
+# How f32 matmuls (dtype_mm="float32") and f32 LayerNorms run: "auto" on the CPU kernels
+# (`models.cpu_matmul`, `models.cpu_norm`) on x86-64 CPUs with AVX2 + FMA and without AVX-512, else
+# XLA's; "xla": always XLA's; "cpu_fused": always the kernels (an error naming the cause if this
+# machine cannot run them). bf16 matmuls always use XLA's dot. Under a multi-device mesh the
+# kernels step aside for XLA (they have no sharding rule).
 MATMUL = ("auto", "xla", "cpu_fused")
+
+
+def cpu_kernels_on(matmul: str, unavailable: Callable[[], Optional[str]], what: str) -> bool:
+  """Whether the `matmul` setting (MATMUL) picks the CPU kernel whose `unavailable()` says why it
+  cannot run here (None when it can; called, and the kernel built, only when needed); `what` names
+  the kernel's job in the error of an impossible 'cpu_fused'."""
+  if matmul not in MATMUL:
+    raise ValueError(f"matmul={matmul!r} is not one of {MATMUL}")
+  if matmul == "xla":
+    return False
+  reason = unavailable()
+  if matmul == "cpu_fused" and reason:
+    raise ValueError(f"{reason} (model.matmul='cpu_fused' for the {what}; set it to 'auto' or 'xla')")
+  # auto: only where measured faster. On AVX-512 CPUs XLA has 512-bit FMAs, and the kernels,
+  # written for AVX2, were not measured against it.
+  return not reason and (matmul == "cpu_fused" or "avx512f" not in cpu_kernels.cpu_flags())
 
 
 def _row_major(x, perm: Sequence[int]):
@@ -127,20 +144,11 @@ def dot_general(dtype_mm, matmul: str = "auto") -> Callable:
   name = jnp.dtype(dtype_mm).name
   if name not in MM_DTYPES:
     raise ValueError(f"dtype_mm must be one of {sorted(MM_DTYPES)}, got {name!r}")
-  if matmul not in MATMUL:
-    raise ValueError(f"matmul={matmul!r} is not one of {MATMUL}")
   if name == "bfloat16":
+    if matmul not in MATMUL:
+      raise ValueError(f"matmul={matmul!r} is not one of {MATMUL}")
     if matmul == "cpu_fused":
       raise ValueError("model.matmul='cpu_fused' runs float32 matmuls only, but dtype_mm is bfloat16; set "
                        "matmul to 'auto' or 'xla'")
     return bf16_dot_general
-  if matmul == "xla":
-    return lax.dot_general
-  reason = cpu_matmul.unavailable()
-  if matmul == "cpu_fused" and reason:
-    raise ValueError(f"{reason} (model.matmul='cpu_fused'; set it to 'auto' or 'xla')")
-  # auto: only where measured faster. On AVX-512 CPUs XLA's dot has 512-bit FMAs and the kernel,
-  # written for AVX2, was not measured against it.
-  if matmul == "auto" and (reason or "avx512f" in cpu_kernels.cpu_flags()):
-    return lax.dot_general
-  return cpu_matmul.dot_general
+  return cpu_matmul.dot_general if cpu_kernels_on(matmul, cpu_matmul.unavailable, "matmuls") else lax.dot_general

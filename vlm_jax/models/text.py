@@ -63,16 +63,16 @@ class DecoderBlock(nn.Module):
     mm = dict(kw, dtype_mm=self.dtype_mm, matmul=self.matmul)
     drop = lambda y: nn.Dropout(self.dropout)(y, self.deterministic)
     x = constrain(x, BTD)
-    y = layer_norm(self.ln_eps, name="ln1", **kw)(x)
+    y = layer_norm(self.ln_eps, name="ln1", matmul=self.matmul, **kw)(x)
     y = MultiHeadAttention(self.num_heads, name="self_attn", attention=self.attention, **mm)(
         y, mask=self_mask, deterministic=self.deterministic, causal=self.causal, decode=self.decode,
         cache_len=self.max_len)
     x = x + drop(y)
-    y = layer_norm(self.ln_eps, name="ln_cross", **kw)(x)
+    y = layer_norm(self.ln_eps, name="ln_cross", matmul=self.matmul, **kw)(x)
     y = MultiHeadAttention(self.num_heads, name="cross_attn", attention=self.attention, **mm)(
         y, context=encoded, deterministic=self.deterministic, decode=self.decode)
     x = x + drop(y)
-    y = layer_norm(self.ln_eps, name="ln2", **kw)(x)
+    y = layer_norm(self.ln_eps, name="ln2", matmul=self.matmul, **kw)(x)
     y = Mlp(self.mlp_dim, gelu_approximate=self.gelu_approximate, name="mlp", **mm)(y, self.deterministic)
     x = x + drop(y)
     return constrain(x, BTD), None
@@ -148,7 +148,7 @@ class Decoder(nn.Module):
     remat = "none" if decode else self.remat  # nothing to save for a backward pass while decoding
     args = (encoded,) if self_mask is None else (encoded, self_mask)
     x, _ = stack_layers(DecoderBlock, self.depth, self.scan_layers, remat)(block_kw)(x, *args)
-    x = layer_norm(self.ln_eps, name="norm", **kw)(x)
+    x = layer_norm(self.ln_eps, name="norm", matmul=self.matmul, **kw)(x)
     if self.tie_embeddings:
       logits = embed.attend(x)
     else:
@@ -197,7 +197,7 @@ class TextEncoder(nn.Module):
     if bert:  # every token has type 0 (single sentences)
       types = self.param("type_embedding", logical(nn.initializers.normal(0.02), (None, "embed")),
                          (self.type_vocab_size, self.width), self.param_dtype)
-      x = layer_norm(self.ln_eps, name="embed_norm", **kw)(x + types[0].astype(self.dtype))
+      x = layer_norm(self.ln_eps, name="embed_norm", matmul=self.matmul, **kw)(x + types[0].astype(self.dtype))
     x = nn.Dropout(self.dropout)(constrain(x, BTD), deterministic)
     valid = tokens != self.pad_id
     mask = valid[:, None, None, :]  # keys: padding is never attended to
@@ -208,7 +208,7 @@ class TextEncoder(nn.Module):
                     dtype_mm=self.dtype_mm, matmul=self.matmul, attention=self.attention, **kw)
     x, _ = stack_layers(EncoderBlock, self.depth, self.scan_layers, self.remat)(block_kw)(x, mask)
     if not bert:
-      x = layer_norm(self.ln_eps, name="norm", **kw)(x)
+      x = layer_norm(self.ln_eps, name="norm", matmul=self.matmul, **kw)(x)
     if self.pool == "first":
       pooled = x[:, 0]
     elif self.pool == "last_position":

@@ -44,7 +44,7 @@ class Encoder(nn.Module):
               param_dtype=self.param_dtype, dtype_mm=self.dtype_mm, matmul=self.matmul,
               attention=self.attention)
     x, _ = stack_layers(EncoderBlock, self.depth, self.scan_layers, self.remat)(kw)(x)
-    return layer_norm(self.ln_eps, self.dtype, self.param_dtype, "norm")(x)
+    return layer_norm(self.ln_eps, self.dtype, self.param_dtype, "norm", self.matmul)(x)
 
 
 class PatchEmbed(nn.Module):
@@ -93,7 +93,7 @@ class MAPHead(nn.Module):
                        (1, 1, x.shape[-1]), self.param_dtype)
     probe = jnp.tile(probe.astype(self.dtype), (x.shape[0], 1, 1))
     x = MultiHeadAttention(self.num_heads, name="attn", attention=self.attention, **mm)(probe, context=x)
-    y = layer_norm(self.ln_eps, name="ln", **kw)(x)
+    y = layer_norm(self.ln_eps, name="ln", matmul=self.matmul, **kw)(x)
     x = x + Mlp(self.mlp_dim, gelu_approximate=self.gelu_approximate, name="mlp", **mm)(y)
     return x[:, 0]
 
@@ -136,7 +136,7 @@ class ViT(nn.Module):
                      (1, x.shape[1], d), self.param_dtype)
     x = constrain(x + pos.astype(self.dtype), BTD)
     if self.pre_norm:
-      x = layer_norm(self.ln_eps, name="pre_norm", **kw)(x)
+      x = layer_norm(self.ln_eps, name="pre_norm", matmul=self.matmul, **kw)(x)
     x = nn.Dropout(self.dropout)(x, not train)
     x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.dropout, self.ln_eps, self.gelu_approximate,
                 self.scan_layers, self.remat, name="encoder", dtype_mm=self.dtype_mm,
