@@ -1,6 +1,7 @@
 """tools/benchmark.py at toy size: the train-step benchmark (bf16 matmuls) prints its JSON line with
-the published fields, --profile reports where the step's time goes by XLA op kind, and the compile
-benchmark times scanned and unrolled layers."""
+the published fields, --profile reports where the step's time goes by XLA op kind, and it runs
+where TensorFlow cannot be imported (GPU images without it); the compile benchmark times scanned
+and unrolled layers."""
 
 import json
 import os
@@ -10,10 +11,15 @@ import sys
 from conftest import REPO
 
 
-def test_train_vit_benchmark_reports_speed_and_profile(tmp_path):
-  cmd = [sys.executable, os.path.join(REPO, "tools/benchmark.py"), "--threads", "1", "train-vit", "--width", "32",
-         "--depth", "1", "--heads", "2", "--image-size", "32", "--patch", "8", "--batch", "4", "--rounds", "1",
-         "--steps", "1", "--no-hf", "--dtype-mm", "bfloat16", "--profile", str(tmp_path / "trace")]
+# Runs a script with `import tensorflow` / `import tensorflow_datasets` failing as if not installed.
+WITHOUT_TF = ("import runpy, sys; sys.modules.update(tensorflow=None, tensorflow_datasets=None); "
+              "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def test_train_vit_benchmark_reports_speed_and_profile_without_tensorflow(tmp_path):
+  cmd = [sys.executable, "-c", WITHOUT_TF, os.path.join(REPO, "tools/benchmark.py"), "--threads", "1", "train-vit",
+         "--width", "32", "--depth", "1", "--heads", "2", "--image-size", "32", "--patch", "8", "--batch", "4",
+         "--rounds", "1", "--steps", "1", "--no-hf", "--dtype-mm", "bfloat16", "--profile", str(tmp_path / "trace")]
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(proc.stdout.strip().splitlines()[-1])

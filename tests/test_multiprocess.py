@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from vlm_jax import config, logging as vlog, parallel, train
-from vlm_jax.data import pipeline
+from vlm_jax.data import pipeline, sources
 
 from conftest import REPO
 
@@ -57,7 +57,7 @@ def _reference_losses(data_dir):
   cfg.data_dir, cfg.mesh, cfg.total_steps = data_dir, "data=-1", STEPS
   cfg.optimizer.schedule, cfg.optimizer.warmup_steps = "constant", 1
   s = train.build(cfg, devices=jax.devices()[:8])
-  hosts = [pipeline.train_batches(cfg.input, data_dir, cfg.seed, cfg.batch_size // 2, 0, pipeline.Host(i, 2))
+  hosts = [pipeline.train_batches(cfg.input, data_dir, cfg.seed, cfg.batch_size // 2, 0, sources.Host(i, 2))
            for i in range(2)]
   step = train.make_train_step(s)
   losses = []

@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from vlm_jax import config as config_lib, decode, flops, optim, parallel, train  # noqa: E402
-from vlm_jax.data import pipeline, sources  # noqa: E402
+from vlm_jax.data import sources  # noqa: E402
 from vlm_jax.models.layers import ATTENTION  # noqa: E402
 from vlm_jax.models.precision import MATMUL  # noqa: E402
 from vlm_jax.models.vlm import Captioner  # noqa: E402
@@ -340,6 +340,8 @@ def bench_compile(a):
 
 def bench_input(a):
   """Input-pipeline images/s (this process, tf.data) vs the recipe's train-step images/s."""
+  from vlm_jax.data import pipeline  # tf.data: of the benchmarks, only this one needs TensorFlow
+
   rows = []
   for recipe in a.recipes:
     cfg = config_lib.load(recipe)

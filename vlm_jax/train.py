@@ -4,6 +4,10 @@ One trainer for every task. The flow of a step reads top to bottom:
 config -> data.pipeline (numpy batch per host) -> parallel.shard_batch (global jax.Array) ->
 task.loss_fn inside the jitted `train_step` -> optax update -> checkpoint / logging / evals.
 Running the same command again resumes from the latest checkpoint in DIR.
+
+`build` and `make_train_step` need no TensorFlow: the input pipeline (tf.data) is imported where
+batches are read, so the step also builds where TensorFlow is absent (`tools/benchmark.py` on a GPU
+image without it).
 """
 
 import dataclasses
@@ -25,7 +29,7 @@ from ml_collections import config_flags
 
 from vlm_jax import checkpoint, config as config_lib, flops, optim, parallel, preemption, tasks
 from vlm_jax import logging as vlog
-from vlm_jax.data import pipeline, run_tokenizer, sources
+from vlm_jax.data import run_tokenizer, sources
 from vlm_jax.errors import UserError, run_cli
 
 
@@ -49,7 +53,7 @@ class Setup:
   state_sharding: TrainState
   abstract_state: TrainState
   init_state: object  # jitted rng -> TrainState
-  host: pipeline.Host
+  host: sources.Host
   data_info: sources.DataInfo
 
   def context(self):
@@ -114,7 +118,7 @@ def build(cfg, data_info=None, devices=None) -> Setup:
                                 nn.logical_to_mesh_sharding(logical, mesh, rules))
   abstract_state = checkpoint.abstract_like(abstract_state, state_sharding)
   init_state = jax.jit(init_fn, out_shardings=state_sharding)
-  host = pipeline.Host(jax.process_index(), jax.process_count())
+  host = sources.Host(jax.process_index(), jax.process_count())
   return Setup(cfg, mesh, rules, task, tx, schedule, state_sharding, abstract_state, init_state, host, data_info)
 
 
@@ -189,6 +193,8 @@ def restore_or_init(s: Setup, ckpt: checkpoint.Checkpointer):
 
 def evaluate(s: Setup, params, step: int, workdir: str = None) -> dict:
   """Runs the task's evaluation on every split of `evals.splits`; returns {'SPLIT/METRIC': value}."""
+  from vlm_jax.data import pipeline
+
   cfg, task = s.cfg, s.task
   local = cfg.evals.batch_size // s.host.count
   eval_step = jax.jit(task.eval_fn)
@@ -252,6 +258,8 @@ def train(cfg, workdir: str, stop: preemption.StopSignal = None) -> dict:
 
   With `stop` (the CLI passes one), a SIGTERM/SIGINT ends the run after the current step with
   a committed checkpoint. A non-finite loss is skipped or stops the run (`nan_policy`)."""
+  from vlm_jax.data import pipeline
+
   parallel.initialize_distributed(cfg)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   lead = jax.process_index() == 0

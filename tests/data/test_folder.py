@@ -17,7 +17,7 @@ from PIL import Image
 import jax
 
 from vlm_jax import config, train
-from vlm_jax.data import pipeline, run_tokenizer, sources
+from vlm_jax.data import pipeline, run_tokenizer, sources, tokenizer as tokenizer_lib
 from vlm_jax.data.builders import folder, folder_scan
 from vlm_jax.errors import UserError
 
@@ -216,7 +216,7 @@ def test_jsonl_captions_and_qa_feed_captioning_and_vqa_pipelines(tmp_path, caplo
   n, batches = pipeline.eval_batches(inp, dd, "test", 8, tokenizer=tok)
   rows = list(batches)
   assert n == 1 and int(rows[0]["_mask"].sum()) == 4  # 3 images, one with two QA pairs
-  answers = pipeline.texts(rows[0], "answer")[:4]
+  answers = tokenizer_lib.texts(rows[0], "answer")[:4]
   assert sorted(answers) == sorted(["blue", "green", "red", "no"])
 
 

@@ -57,7 +57,7 @@ def test_hosts_read_disjoint_examples(tiny_config):
   inp = tiny_config.input
   seen = []
   for i in range(2):
-    _, it = pipeline.eval_batches(inp, tiny_config.data_dir, "test", 64, pipeline.Host(i, 2))
+    _, it = pipeline.eval_batches(inp, tiny_config.data_dir, "test", 64, sources.Host(i, 2))
     seen.append(np.concatenate([b["image"][b["_mask"] == 1].reshape(-1, 32 * 32 * 3) for b in it]))
   assert len(seen[0]) + len(seen[1]) == 100
   flat = {x.tobytes() for x in seen[0]}

@@ -25,18 +25,14 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vlm_jax.data import preprocess, sources
+from vlm_jax.data.sources import Host
+from vlm_jax.data.tokenizer import texts
 from vlm_jax.errors import UserError
 
 # Keep TensorFlow off accelerators: JAX owns them.
 tf.config.set_visible_devices([], "GPU")
 
 LABEL_DTYPES = (tf.int64, tf.int32)
-
-
-@dataclasses.dataclass
-class Host:
-  index: int = 0
-  count: int = 1
 
 
 def _host_split(builder, split: str, host: Host) -> tuple[str, int]:
@@ -109,11 +105,6 @@ def _explode_qa(inp):
     rows["_q"], rows["_a"] = q, a
     return tf.data.Dataset.from_tensor_slices(rows)
   return fn
-
-
-def texts(batch: dict, key: str) -> list:
-  """A batch's byte-array text field back as Python strings."""
-  return [bytes(row).rstrip(b"\0").decode("utf-8", "ignore") for row in np.asarray(batch[key])]
 
 
 @dataclasses.dataclass

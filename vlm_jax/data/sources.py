@@ -5,19 +5,33 @@ saying how to prepare it. Embedded datasets (generated locally, no network) are 
 use; a user's folder (`folder:/path`, see builders/folder.py) is prepared into data_dir on first
 use and again when it changes; catalog datasets (cifar10, imagenet2012, coco_captions, ...) must
 already be prepared in `data_dir`, because these machines may have no network.
+`Host` says which share of every split a process reads.
+
+tensorflow-datasets is imported where a builder is opened, so that the model, the tasks and the
+train step build without TensorFlow (e.g. `tools/benchmark.py` on a GPU image that lacks it).
 """
+
+from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Optional
-
-import tensorflow_datasets as tfds
+from typing import TYPE_CHECKING, Optional
 
 from vlm_jax.errors import UserError
+
+if TYPE_CHECKING:
+  import tensorflow_datasets as tfds
 
 EMBEDDED = ("shapes",)
 FOLDER_PREFIX = "folder:"
 _folders = {}  # (folder, data_dir) -> builder: a process keeps the folder dataset it first opened
+
+
+@dataclasses.dataclass
+class Host:
+  """This process's index among `count` processes: it reads split share `index` of `count`."""
+  index: int = 0
+  count: int = 1
 
 
 @dataclasses.dataclass
@@ -35,6 +49,8 @@ def _is_embedded(name: str) -> bool:
 
 def open_source(name: str, data_dir: str, prepare: bool = True) -> tfds.core.DatasetBuilder:
   """Returns the prepared builder for `name` in `data_dir` (building embedded datasets if `prepare`)."""
+  import tensorflow_datasets as tfds
+
   data_dir = os.path.expanduser(data_dir)
   if name.startswith(FOLDER_PREFIX):
     return _open_folder(name[len(FOLDER_PREFIX):], data_dir)
@@ -75,6 +91,8 @@ def _open_folder(path: str, data_dir: str) -> tfds.core.DatasetBuilder:
 
 def data_info(builder: tfds.core.DatasetBuilder, label_key: str = "label", needed_splits=()) -> DataInfo:
   """What the tasks need to know about a dataset; `needed_splits` must exist (checked before training)."""
+  import tensorflow_datasets as tfds
+
   for split in filter(None, (s.strip() for s in needed_splits)):
     num_examples(builder, split)
   feats = builder.info.features

@@ -68,6 +68,11 @@ TOKENIZER_FILE = "tokenizer.json"
 log = logging.getLogger(__name__)
 
 
+def texts(batch: dict, key: str) -> list:
+  """A batch's text field (fixed-width UTF-8 byte rows, zero padded) back as Python strings."""
+  return [bytes(row).rstrip(b"\0").decode("utf-8", "ignore") for row in np.asarray(batch[key])]
+
+
 def normalize_text(text: str) -> str:
   """The normalisation applied before tokenising: NFKC, lowercase, single spaces, stripped.
 

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 from vlm_jax import decode
-from vlm_jax.data import pipeline, run_tokenizer
+from vlm_jax.data import run_tokenizer, tokenizer as tokenizer_lib
 from vlm_jax.errors import UserError
 from vlm_jax.metrics import caption as caption_metrics, vqa as vqa_metrics
 from vlm_jax.models.vlm import Captioner
@@ -119,7 +119,7 @@ class Task:
     keep = np.asarray(batch["_mask"]) == 1
     hyps = [h for h, k in zip(self.tokenizer.decode_batch(np.asarray(preds["tokens"])), keep) if k]
     refs_key = "caption" if self.mode == "caption" else "answer"
-    refs = [r.split("\n") for r, k in zip(pipeline.texts(batch, refs_key), keep) if k]
+    refs = [r.split("\n") for r, k in zip(tokenizer_lib.texts(batch, refs_key), keep) if k]
     return list(zip(hyps, refs))
 
   def summarize(self, sums, records=()) -> dict:
@@ -141,6 +141,6 @@ class Task:
       ok = hyp.strip() == refs[0].strip()
       items.append((img, f"{hyp}\nref: {refs[0]}", ok))
     if self.mode == "qa":
-      questions = pipeline.texts(batch, "question")
+      questions = tokenizer_lib.texts(batch, "question")
       items = [(img, f"Q: {q}\nA: {text}", ok) for (img, text, ok), q in zip(items, questions)]
     return items

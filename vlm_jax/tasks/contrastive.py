@@ -29,7 +29,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from vlm_jax import checkpoint
-from vlm_jax.data import pipeline, run_tokenizer
+from vlm_jax.data import run_tokenizer, tokenizer as tokenizer_lib
 from vlm_jax.errors import UserError
 from vlm_jax.hf import bert
 from vlm_jax.metrics import retrieval
@@ -233,7 +233,7 @@ class Task:
   def collect(self, batch, preds) -> list:
     """Host side: (image embedding, text embedding, references, (label, predicted) or None) per real row."""
     keep = np.asarray(batch["_mask"]) == 1
-    refs = pipeline.texts(batch, "caption")
+    refs = tokenizer_lib.texts(batch, "caption")
     labels = batch.get("label")
     out = []
     for i in np.flatnonzero(keep):
@@ -258,7 +258,7 @@ class Task:
 
   def draw(self, batch, preds):
     """Each drawn image with the best-matching caption among the drawn examples."""
-    refs = [r.split("\n")[0] for r in pipeline.texts(batch, "caption")]
+    refs = [r.split("\n")[0] for r in tokenizer_lib.texts(batch, "caption")]
     sim = np.asarray(preds["img_emb"]) @ np.asarray(preds["txt_emb"]).T
     items = []
     for i, img in enumerate(batch["image"]):
