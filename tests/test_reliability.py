@@ -17,6 +17,7 @@ from conftest import REPO
 from etils import epath
 
 from vlm_jax import checkpoint, config, train
+from vlm_jax.data import pipeline
 from vlm_jax import logging as vlog
 from vlm_jax.errors import UserError
 
@@ -206,13 +207,13 @@ def test_checkpoint_of_another_task_is_refused_by_name(tiny_config, data_dir, tm
 def _at_step(monkeypatch, step, action):
   """Wraps pipeline.train_batches: `action(batch)` runs when the batch of `step` is drawn and
   returns the batch to use."""
-  real = train.pipeline.train_batches
+  real = pipeline.train_batches
 
   def batches(*args, **kwargs):
     start = args[4] if len(args) > 4 else kwargs.get("start_step", 0)
     for i, batch in enumerate(real(*args, **kwargs), start + 1):
       yield action(batch) if i == step else batch
-  monkeypatch.setattr(train.pipeline, "train_batches", batches)
+  monkeypatch.setattr(pipeline, "train_batches", batches)
 
 
 def _nan_pixels(batch):
