@@ -17,8 +17,8 @@ from conftest import REPO
 from etils import epath
 
 from vlm_jax import checkpoint, config, train
-from vlm_jax.data import pipeline
 from vlm_jax import logging as vlog
+from vlm_jax.data import pipeline
 from vlm_jax.errors import UserError
 
 

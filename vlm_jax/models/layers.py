@@ -234,9 +234,9 @@ def _sharded_kernel(q, k, v, scale, causal, precision):
   """cpu_attention.attention under the current mesh: per shard of the batch and head axes, or
   None when the arrays do not divide evenly over them (the caller then uses XLA)."""
   fn = lambda q, k, v: cpu_attention.attention(q, k, v, scale, causal, precision)
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
+  if not cpu_kernels.multi_device():
     return fn(q, k, v)
+  mesh = jax.sharding.get_abstract_mesh()
   names = nn.logical_to_mesh_axes(("act_batch", "act_length", "act_heads", "act_kv"))
   if names is None or names[1] is not None or names[3] is not None:
     return None
