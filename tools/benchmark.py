@@ -104,6 +104,8 @@ def _vit_step(a):
     box = [s.init_state(jax.random.PRNGKey(0))]
     gb = parallel.shard_batch(batch, s.mesh)
 
+    impl = _attention_impl(step.lower(box[0], gb).as_text())
+
   def run(n):
     with s.context():
       t = time.perf_counter()
@@ -111,7 +113,7 @@ def _vit_step(a):
         box[0], m = step(box[0], gb)
       jax.block_until_ready(m)
       return time.perf_counter() - t
-  return run, flops.train_flops(s.task.model, batch), batch
+  return run, flops.train_flops(s.task.model, batch), batch, impl
 
 
 def _caption_step(a):
@@ -143,13 +145,22 @@ def _caption_step(a):
   box = [params, tx.init(params)]
   gb = jax.device_put(batch)
 
+  impl = _attention_impl(step.lower(*box, gb).as_text())
+
   def run(n):
     t = time.perf_counter()
     for _ in range(n):
       box[0], box[1], loss = step(box[0], box[1], gb)
     jax.block_until_ready(loss)
     return time.perf_counter() - t
-  return run, flops.train_flops(model, batch), batch
+  return run, flops.train_flops(model, batch), batch, impl
+
+
+def _attention_impl(program: str) -> str:
+  """Which attention ran in a lowered train step: cuDNN's flash attention, the CPU kernel, or XLA."""
+  if "cudnn$fmha" in program:
+    return "cudnn"
+  return "cpu_fused" if "vlm_jax_attention" in program else "xla"
 
 
 def _dtype(name):
@@ -220,7 +231,7 @@ def _torch_loop(model, dev, loss_fn, bf16):
   return run
 
 
-def _compare(a, ours, theirs, flops_per_image, what, tokens=0):
+def _compare(a, ours, theirs, flops_per_image, what, attention_impl, tokens=0):
   """Interleaved timing rounds of our step and each peer step in `theirs` ({name: run}); medians,
   ratios (`ratio` against the f32 peer `hf_torch`, `ratio_<name>` against the others), TFLOP/s, MFU."""
   run = ours
@@ -240,8 +251,8 @@ def _compare(a, ours, theirs, flops_per_image, what, tokens=0):
   peak = flops.peak_flops_per_device(a.peak_tflops, dtype_mm=a.dtype_mm)  # the peak of the matmuls we run
   peak_f32 = flops.peak_flops_per_device(a.peak_tflops)
   out = {"benchmark": what, "device": jax.devices()[0].device_kind, "threads": a.threads, "dtype": a.dtype,
-         "dtype_mm": a.dtype_mm, "matmul": a.matmul, "attention": a.attention, "batch": a.batch, "rounds": a.rounds,
-         "steps_per_round": a.steps,
+         "dtype_mm": a.dtype_mm, "matmul": a.matmul, "attention": a.attention, "attention_impl": attention_impl,
+         "batch": a.batch, "rounds": a.rounds, "steps_per_round": a.steps,
          "compile_s": compile_s, "vlm_jax_images_per_s": ips, "vlm_jax_tflops": ips * flops_per_image / 1e12,
          "peak_tflops": peak / 1e12 if peak else None, "mfu": ips * flops_per_image / peak if peak else None,
          "peak_f32_tflops": peak_f32 / 1e12 if peak_f32 else None,
@@ -303,15 +314,15 @@ def profile_ops(run, directory: str, steps: int = 2, top: int = 15) -> list:
 
 
 def bench_train_vit(a):
-  run, fl, batch = _vit_step(a)
+  run, fl, batch, impl = _vit_step(a)
   return _compare(a, run, {} if a.no_hf else _torch_runs(a, lambda a, bf16: _torch_vit(a, batch, bf16)), fl,
-                  "train-vit")
+                  "train-vit", impl)
 
 
 def bench_train_captioner(a):
-  run, fl, batch = _caption_step(a)
+  run, fl, batch, impl = _caption_step(a)
   return _compare(a, run, {} if a.no_hf else _torch_runs(a, lambda a, bf16: _torch_captioner(a, batch, bf16)), fl,
-                  "train-captioner", a.text_len)
+                  "train-captioner", impl, a.text_len)
 
 
 def bench_compile(a):
@@ -392,8 +403,9 @@ def _train_args(p):
                  help="model.matmul: XLA's dot or the CPU matmul kernel for f32 matmuls (auto: the kernel on AVX2 "
                       "CPUs without AVX-512)")
   p.add_argument("--attention", default="auto", choices=ATTENTION,
-                 help="model.attention: XLA's einsums or the fused CPU kernel (auto: its build for dtype_mm "
-                      "where this CPU can run it)")
+                 help="model.attention: XLA's einsums, the fused CPU kernel or cuDNN's flash attention (auto: "
+                      "cuDNN on a CUDA GPU for bf16, the CPU kernel's build for dtype_mm where this CPU can run "
+                      "it); the JSON's attention_impl says which ran")
   p.add_argument("--scan", action="store_true", help="scan over layers (default: unrolled, faster on CPU)")
   p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (medians are reported)")
   p.add_argument("--steps", type=int, default=2, help="train steps per round and framework")

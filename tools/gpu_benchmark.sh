@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU figures of BENCHMARKS.md ("GPU") in one run of under 10 minutes on one H100 / H200:
 #   1. ViT-B/16 train step, bf16 compute with f32 params and AdamW state, batch 256: images/s and
-#      MFU against the bf16 peak table (vlm_jax.flops);
+#      MFU against the bf16 peak table (vlm_jax.flops), with cuDNN's flash attention (attention
+#      "auto" on a GPU; the JSON's attention_impl says whether cuDNN ran) and with XLA's;
 #   2. ViT-Ti/16 at batch 256 against Hugging Face PyTorch on the same GPU (f32 and bf16 autocast).
 # Usage: bash tools/gpu_benchmark.sh [OUT_DIR]     (JSON lines and the log land in OUT_DIR)
 #
@@ -34,5 +35,7 @@ fi
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
   "$py" -c "import jax; print('jax', jax.__version__, jax.devices())"
   "$py" tools/benchmark.py --json "$out/vit_b16_bf16.json" train-vit "${b16[@]}" --dtype bfloat16 --scan --no-hf
+  "$py" tools/benchmark.py --json "$out/vit_b16_bf16_xla_attention.json" train-vit "${b16[@]}" --dtype bfloat16 \
+    --scan --no-hf --attention xla
   "$py" tools/benchmark.py --json "$out/vit_ti16_bf16_vs_torch.json" train-vit "${ti[@]}" --dtype bfloat16 --scan
 } 2>&1 | tee "$out/log.txt"

@@ -106,5 +106,5 @@ def test_decoder_causal_and_cross_attention_match_xla(precision):
 
 
 def test_bad_attention_setting_is_a_clear_error():
-  with pytest.raises(UserError, match="model.attention='flash' is not one of auto, xla, cpu_fused"):
+  with pytest.raises(UserError, match="model.attention=.flash. is not one of auto, xla, cpu_fused, cudnn"):
     module_kwargs({"attention": "flash"})

@@ -8,10 +8,11 @@ when `dtype_mm="bfloat16"`). Attention weights are stored head-major as [embed, 
 layers.
 MultiHeadAttention also owns the decoding KV cache (flax "cache" collection): self-attention
 appends keys/values at `cache_index`; cross-attention projects the context once and reuses it.
-Its `attention` setting picks how softmax(q k^T) v runs (`ATTENTION`): XLA's einsums, or the fused
-CPU kernel of `models.cpu_attention` (matmuls in `dtype_mm`) for unmasked or causal attention
-outside decoding; under a multi-device mesh the kernel runs per shard (`shard_map` over the batch
-and head axes).
+Its `attention` setting picks how softmax(q k^T) v runs (`ATTENTION`): XLA's einsums, the fused
+CPU kernel of `models.cpu_attention` (matmuls in `dtype_mm`), or cuDNN's flash attention on a CUDA
+GPU (`jax.nn.dot_product_attention`, bf16/f16), each for unmasked or causal attention outside
+decoding; under a multi-device mesh the CPU kernel runs per shard (`shard_map` over the batch and
+head axes) and cuDNN's call is partitioned by JAX's own rules.
 """
 
 import math
@@ -26,13 +27,22 @@ from vlm_jax.models.precision import cpu_kernels_on, dot_general
 
 Dtype = Any
 
-# "auto": the fused CPU kernel where it applies and this CPU can run it (its bf16 build for
-# dtype_mm bf16 on AVX512_BF16, its f32 build for f32 on AVX2 + FMA), else XLA; "xla": always XLA's
-# einsums; "cpu_fused": the kernel wherever it applies (an error naming the cause if this machine
-# cannot run it).
-ATTENTION = ("auto", "xla", "cpu_fused")
+# "auto": on a CUDA GPU cuDNN's flash attention where it applies (bf16/f16 compute or bf16 matmuls,
+# head_dim a multiple of 8); on a CPU the fused kernel where this CPU can run it (its bf16 build for
+# dtype_mm bf16 on AVX512_BF16, its f32 build for f32 on AVX2 + FMA); else XLA. "xla": always XLA's
+# einsums; "cpu_fused" / "cudnn": that kernel wherever it applies (an error naming the cause if this
+# machine or dtype cannot run it).
+ATTENTION = ("auto", "xla", "cpu_fused", "cudnn")
+
+# The implementation `jax.nn.dot_product_attention` is asked for on the cuDNN path; tests set "xla"
+# (and patch `_backend`) to run the same call, with the same arguments, on a CPU.
+_GPU_IMPL = "cudnn"
 
 BTD = ("act_batch", "act_length", "act_embed")
+
+
+def _backend() -> str:
+  return jax.default_backend()
 
 
 def logical(init, names):
@@ -179,6 +189,12 @@ class MultiHeadAttention(nn.Module):
       if cross and decode:
         self.put_variable("cache", "cached_cross_key", k)
         self.put_variable("cache", "cached_cross_value", v)
+    gpu_dtype = self._gpu_fused(mask, deterministic, decode, hd)
+    if gpu_dtype is not None:
+      out = _gpu_attention(q, k, v, 1.0 / float(hd) ** 0.5, causal and not cross, gpu_dtype,
+                           strict=self.attention == "cudnn")
+      if out is not None:
+        return self._out(out.astype(self.dtype), d)
     precision = self._fused(mask, deterministic, decode)
     if precision:
       out = _sharded_kernel(q, k, v, 1.0 / float(hd) ** 0.5, causal and not cross, precision)
@@ -214,7 +230,7 @@ class MultiHeadAttention(nn.Module):
     XLA's path; the kernel takes no mask but the causal one."""
     if self.attention not in ATTENTION:
       raise ValueError(f"attention={self.attention!r} is not one of {ATTENTION}")
-    if self.attention == "xla" or mask is not None or decode or (self.dropout > 0 and not deterministic):
+    if self.attention in ("xla", "cudnn") or mask is not None or decode or (self.dropout > 0 and not deterministic):
       return None
     # The bf16 build takes f32 or bf16 activations; the f32 one only f32 (plain f32 dots on bf16
     # activations round differently).
@@ -228,6 +244,50 @@ class MultiHeadAttention(nn.Module):
     if reason:
       raise ValueError(f"{reason} (model.attention='cpu_fused'; set it to 'auto' or 'xla')")
     return precision
+
+  def _gpu_fused(self, mask, deterministic, decode, head_dim) -> Optional[Any]:
+    """The dtype q, k, v go to cuDNN's flash attention in, or None for the other paths. It takes
+    bf16/f16 only: bf16 compute, or f32 compute with bf16 matmuls (`dtype_mm`, whose semantics
+    cuDNN keeps: bf16 products, f32 accumulation and softmax)."""
+    if self.attention not in ("auto", "cudnn") or mask is not None or decode or (
+        self.dropout > 0 and not deterministic):
+      return None
+    strict = self.attention == "cudnn"
+    if _backend() != "gpu":
+      if strict:
+        raise ValueError(f"model.attention='cudnn' needs a CUDA GPU, and this process runs on "
+                         f"{_backend()}; set model.attention to 'auto' or 'xla'")
+      return None
+    if jnp.dtype(self.dtype) in (jnp.bfloat16, jnp.float16):
+      dtype = jnp.dtype(self.dtype)
+    elif jnp.dtype(self.dtype_mm) == jnp.bfloat16:
+      dtype = jnp.dtype(jnp.bfloat16)
+    else:
+      if strict:
+        raise ValueError(f"model.attention='cudnn' computes in bf16 or f16, and this model computes "
+                         f"attention in {jnp.dtype(self.dtype).name}; set model.dtype or model.dtype_mm "
+                         f"to 'bfloat16', or model.attention to 'auto' or 'xla'")
+      return None
+    if head_dim % 8 or head_dim > 128:
+      if strict:
+        raise ValueError(f"model.attention='cudnn' needs a head dimension that is a multiple of 8 and "
+                         f"at most 128, not {head_dim} (width / num_heads); change num_heads or set "
+                         f"model.attention to 'auto' or 'xla'")
+      return None
+    return dtype
+
+
+def _gpu_attention(q, k, v, scale, causal, dtype, strict):
+  """softmax(q k^T * scale) v for q, k, v [B, T, H, hd] through `jax.nn.dot_product_attention`
+  (cuDNN), or None where JAX says cuDNN cannot run it (unless `strict`)."""
+  try:
+    return jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), scale=scale,
+                                        is_causal=causal, implementation=_GPU_IMPL)
+  except (NotImplementedError, RuntimeError) as e:  # no cuDNN, too old a cuDNN, unsupported shape
+    if strict:
+      raise ValueError(f"model.attention='cudnn' cannot run here: {e}; set model.attention to 'auto' "
+                       f"or 'xla'") from e
+    return None
 
 
 def _sharded_kernel(q, k, v, scale, causal, precision):

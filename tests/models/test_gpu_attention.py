@@ -1,0 +1,125 @@
+"""cuDNN flash attention on a CUDA GPU (`model.attention` "auto" / "cudnn", through
+`jax.nn.dot_product_attention`). No GPU here, so the tests pretend one (`layers._backend`) and ask
+JAX for its XLA implementation of the same call (`layers._GPU_IMPL`): the models must pick that
+path exactly where cuDNN applies (bf16/f16 compute or bf16 matmuls, no mask but the causal one, not
+decoding, head_dim a multiple of 8), give XLA's outputs and gradients through it, fall back where
+JAX refuses cuDNN under "auto", and name the cause and the fix for every impossible "cudnn".
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vlm_jax.models import layers
+from vlm_jax.models.text import Decoder
+from vlm_jax.models.vit import ViT
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+  """A CUDA backend as far as the attention dispatch can tell; returns the list of the calls that
+  reached `jax.nn.dot_product_attention` (dtype, is_causal, implementation)."""
+  calls = []
+  real = jax.nn.dot_product_attention
+
+  def spy(q, k, v, **kw):
+    calls.append((q.dtype, kw["is_causal"], kw["implementation"]))
+    return real(q, k, v, **kw)
+  monkeypatch.setattr(layers, "_backend", lambda: "gpu")
+  monkeypatch.setattr(layers, "_GPU_IMPL", "xla")
+  monkeypatch.setattr(layers.jax.nn, "dot_product_attention", spy)
+  return calls
+
+
+def _vit(att, dtype=jnp.bfloat16, heads=2, **kw):
+  return ViT(num_classes=3, patch_size=4, width=32, depth=2, mlp_dim=64, num_heads=heads, dtype=dtype,
+             attention=att, **kw)
+
+
+def _loss_and_grads(model, x, calls=None):
+  """Loss and gradients of one jitted step; `calls` (the spy's list) then holds only its calls."""
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), x)
+  if calls is not None:
+    calls.clear()
+  loss = lambda p: jnp.sum(model.apply(p, x)[0].astype(jnp.float32) ** 2)
+  return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def _close(a, b, tol):
+  np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tol, atol=tol * float(np.abs(np.float32(b)).max()))
+
+
+def _grads_close(got, want, tol):
+  """Per leaf, to `tol` of the largest gradient anywhere: some leaves (the key biases) are zero
+  up to rounding, so their own scale is noise."""
+  scale = max(float(np.abs(np.float32(b)).max()) for b in jax.tree.leaves(want))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tol, atol=tol * scale)
+
+
+X = jnp.asarray(np.random.default_rng(0).standard_normal((4, 16, 16, 3)), jnp.float32)
+
+
+@pytest.mark.parametrize("att", ["auto", "cudnn"])
+def test_vit_takes_the_gpu_path_and_matches_xla(fake_gpu, att):
+  got = _loss_and_grads(_vit(att), X, fake_gpu)
+  assert [c[1:] for c in fake_gpu] == [(False, "xla")] * 2  # one call per layer, not causal
+  assert all(c[0] == jnp.bfloat16 for c in fake_gpu)
+  want = _loss_and_grads(_vit("xla"), X)
+  _close(got[0], want[0], 2e-2)
+  _grads_close(got[1], want[1], 5e-2)
+
+
+def test_f32_compute_with_bf16_matmuls_goes_to_cudnn_in_bf16(fake_gpu):
+  _loss_and_grads(_vit("auto", dtype=jnp.float32, dtype_mm=jnp.bfloat16), X, fake_gpu)
+  assert len(fake_gpu) == 2 and all(c[0] == jnp.bfloat16 for c in fake_gpu)
+
+
+def test_decoder_causal_self_and_cross_attention(fake_gpu):
+  rng = np.random.default_rng(2)
+  tokens = jnp.asarray(rng.integers(1, 50, (3, 11)), jnp.int32)
+  encoded = jnp.asarray(rng.standard_normal((3, 21, 32)), jnp.bfloat16)
+  res = {}
+  for att in ("xla", "auto"):
+    dec = Decoder(vocab_size=50, width=32, depth=1, num_heads=2, mlp_dim=64, max_len=16, dtype=jnp.bfloat16,
+                  attention=att)
+    params = jax.jit(dec.init)(jax.random.PRNGKey(0), tokens, encoded)
+    fake_gpu.clear()
+    res[att] = jax.jit(jax.value_and_grad(
+        lambda p, e: jnp.sum(dec.apply(p, tokens, e).astype(jnp.float32) ** 2), argnums=(0, 1)))(params, encoded)
+  # causal self-attention and (not causal) cross-attention; the scanned layer is traced twice
+  assert sorted(set(c[1] for c in fake_gpu)) == [False, True]
+  _close(res["auto"][0], res["xla"][0], 2e-2)
+  _grads_close(res["auto"][1], res["xla"][1], 5e-2)
+
+
+def test_auto_keeps_xla_where_cudnn_does_not_apply(fake_gpu):
+  _loss_and_grads(_vit("auto", dtype=jnp.float32), X, fake_gpu)  # f32 attention
+  _loss_and_grads(_vit("auto", heads=8), X, fake_gpu)  # head_dim 4
+  assert not fake_gpu
+  _loss_and_grads(_vit("auto", pool="map"), X, fake_gpu)  # the MAP head's probe attends without a mask
+  assert len(fake_gpu) == 3
+
+
+def test_auto_falls_back_where_jax_refuses_cudnn(fake_gpu, monkeypatch):
+  def refuse(*a, **kw):
+    raise NotImplementedError("Unsupported sequence length")
+  monkeypatch.setattr(layers.jax.nn, "dot_product_attention", refuse)
+  got = _loss_and_grads(_vit("auto"), X)
+  want = _loss_and_grads(_vit("xla"), X)
+  np.testing.assert_array_equal(np.float32(got[0]), np.float32(want[0]))
+  with pytest.raises(ValueError, match="'cudnn' cannot run here: Unsupported sequence length.*'auto' or 'xla'"):
+    _loss_and_grads(_vit("cudnn"), X)
+
+
+def test_impossible_cudnn_is_a_clear_error(fake_gpu, monkeypatch):
+  with pytest.raises(ValueError, match=r"computes in bf16 or f16.*float32; set model.dtype or model.dtype_mm"):
+    _loss_and_grads(_vit("cudnn", dtype=jnp.float32), X)
+  with pytest.raises(ValueError, match="multiple of 8 and at most 128, not 4"):
+    _loss_and_grads(_vit("cudnn", heads=8), X)
+  monkeypatch.setattr(layers, "_backend", lambda: "cpu")
+  with pytest.raises(ValueError, match="needs a CUDA GPU, and this process runs on cpu"):
+    _loss_and_grads(_vit("cudnn"), X)
+  _loss_and_grads(_vit("auto"), X)
+  assert not fake_gpu  # a CPU never asks for it
