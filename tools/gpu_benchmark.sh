@@ -2,7 +2,8 @@
 # The GPU figures of BENCHMARKS.md ("GPU") in one run of under 10 minutes on one H100 / H200:
 #   1. ViT-B/16 train step, bf16 compute with f32 params and AdamW state, batch 256: images/s and
 #      MFU against the bf16 peak table (vlm_jax.flops), with cuDNN's flash attention (attention
-#      "auto" on a GPU; the JSON's attention_impl says whether cuDNN ran) and with XLA's;
+#      "auto" on a GPU; the JSON's attention_impl says whether cuDNN ran), with XLA's, and with
+#      XLA's Triton GEMM fusions off (cuBLAS for every matmul);
 #   2. ViT-Ti/16 at batch 256 against Hugging Face PyTorch on the same GPU (f32 and bf16 autocast).
 # Usage: bash tools/gpu_benchmark.sh [OUT_DIR]     (JSON lines and the log land in OUT_DIR)
 #
@@ -37,5 +38,9 @@ fi
   "$py" tools/benchmark.py --json "$out/vit_b16_bf16.json" train-vit "${b16[@]}" --dtype bfloat16 --scan --no-hf
   "$py" tools/benchmark.py --json "$out/vit_b16_bf16_xla_attention.json" train-vit "${b16[@]}" --dtype bfloat16 \
     --scan --no-hf --attention xla
+  if [[ "${GPU_BENCH_SMOKE:-0}" != 1 ]]; then  # cuBLAS for every GEMM instead of XLA's Triton fusions
+    XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" "$py" tools/benchmark.py \
+      --json "$out/vit_b16_bf16_no_triton_gemm.json" train-vit "${b16[@]}" --dtype bfloat16 --scan --no-hf
+  fi
   "$py" tools/benchmark.py --json "$out/vit_ti16_bf16_vs_torch.json" train-vit "${ti[@]}" --dtype bfloat16 --scan
 } 2>&1 | tee "$out/log.txt"
