@@ -46,6 +46,13 @@ def _loss_and_grads(model, x, calls=None):
   return jax.jit(jax.value_and_grad(loss))(params)
 
 
+def _trace(model, x, calls):
+  """Traces (no compilation) the loss and gradients of `model`; `calls` then holds that trace's calls."""
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+  calls.clear()
+  jax.jit(jax.value_and_grad(lambda p: jnp.sum(model.apply(p, x)[0].astype(jnp.float32) ** 2))).trace(params)
+
+
 def _close(a, b, tol):
   np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tol, atol=tol * float(np.abs(np.float32(b)).max()))
 
@@ -72,7 +79,7 @@ def test_vit_takes_the_gpu_path_and_matches_xla(fake_gpu, att):
 
 
 def test_f32_compute_with_bf16_matmuls_goes_to_cudnn_in_bf16(fake_gpu):
-  _loss_and_grads(_vit("auto", dtype=jnp.float32, dtype_mm=jnp.bfloat16), X, fake_gpu)
+  _trace(_vit("auto", dtype=jnp.float32, dtype_mm=jnp.bfloat16), X, fake_gpu)
   assert len(fake_gpu) == 2 and all(c[0] == jnp.bfloat16 for c in fake_gpu)
 
 
@@ -95,10 +102,11 @@ def test_decoder_causal_self_and_cross_attention(fake_gpu):
 
 
 def test_auto_keeps_xla_where_cudnn_does_not_apply(fake_gpu):
-  _loss_and_grads(_vit("auto", dtype=jnp.float32), X, fake_gpu)  # f32 attention
-  _loss_and_grads(_vit("auto", heads=8), X, fake_gpu)  # head_dim 4
+  _trace(_vit("auto", dtype=jnp.float32), X, fake_gpu)  # f32 attention
   assert not fake_gpu
-  _loss_and_grads(_vit("auto", pool="map"), X, fake_gpu)  # the MAP head's probe attends without a mask
+  _trace(_vit("auto", heads=8), X, fake_gpu)  # head_dim 4
+  assert not fake_gpu
+  _trace(_vit("auto", pool="map"), X, fake_gpu)  # the MAP head's probe attends without a mask
   assert len(fake_gpu) == 3
 
 
@@ -115,11 +123,11 @@ def test_auto_falls_back_where_jax_refuses_cudnn(fake_gpu, monkeypatch):
 
 def test_impossible_cudnn_is_a_clear_error(fake_gpu, monkeypatch):
   with pytest.raises(ValueError, match=r"computes in bf16 or f16.*float32; set model.dtype or model.dtype_mm"):
-    _loss_and_grads(_vit("cudnn", dtype=jnp.float32), X)
+    _trace(_vit("cudnn", dtype=jnp.float32), X, fake_gpu)
   with pytest.raises(ValueError, match="multiple of 8 and at most 128, not 4"):
-    _loss_and_grads(_vit("cudnn", heads=8), X)
+    _trace(_vit("cudnn", heads=8), X, fake_gpu)
   monkeypatch.setattr(layers, "_backend", lambda: "cpu")
   with pytest.raises(ValueError, match="needs a CUDA GPU, and this process runs on cpu"):
-    _loss_and_grads(_vit("cudnn"), X)
-  _loss_and_grads(_vit("auto"), X)
+    _trace(_vit("cudnn"), X, fake_gpu)
+  _trace(_vit("auto"), X, fake_gpu)
   assert not fake_gpu  # a CPU never asks for it
