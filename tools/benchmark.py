@@ -7,7 +7,8 @@ Subcommands (each prints a table and ends with one JSON line of the same figures
                    analytic FLOP count (vlm_jax.flops). `--profile DIR` also traces our step
                    (jax.profiler) and prints the time per XLA op kind (dots, copies, fusions).
   train-captioner  the same for our Captioner (ViT + cross-attention decoder) vs a
-                   VisionEncoderDecoderModel (ViT + GPT-2 with cross-attention).
+                   VisionEncoderDecoderModel (ViT + GPT-2 with cross-attention). The PyTorch
+                   peers are built in tools/torch_peers.py.
   compile          compile time of the ViT train step, scanned vs unrolled layers, at several depths.
   input            input-pipeline images/s vs the train step's images/s for a recipe.
   decode           greedy decoding tokens/s with and without the KV cache, at several batch sizes and
@@ -45,6 +46,7 @@ from vlm_jax.data import sources  # noqa: E402
 from vlm_jax.models.layers import ATTENTION  # noqa: E402
 from vlm_jax.models.precision import MATMUL  # noqa: E402
 from vlm_jax.models.vlm import Captioner  # noqa: E402
+from tools import torch_peers  # noqa: E402
 
 
 def _time(fn, repeats):
@@ -167,70 +169,6 @@ def _dtype(name):
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
-def _torch_runs(a, build):
-  """The PyTorch peer's step(s): f32 (what `transformers` trains in by default) and, when our step
-  multiplies in bf16 (`--dtype` or `--dtype-mm`), also under bf16 autocast (PyTorch's mixed
-  precision: bf16 matmuls, f32 softmax / norms / weights), each on its own model and optimizer."""
-  runs = {"hf_torch": build(a, False)}
-  if "bfloat16" in (a.dtype, a.dtype_mm):
-    runs["hf_torch_bf16"] = build(a, True)
-  return runs
-
-
-def _torch_vit(a, batch, autocast=False):
-  import torch
-  from transformers import ViTConfig, ViTForImageClassification
-  dev = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
-  model = ViTForImageClassification(ViTConfig(hidden_size=a.width, num_hidden_layers=a.depth, num_attention_heads=a.heads,
-                                              intermediate_size=4 * a.width, image_size=a.image_size, patch_size=a.patch,
-                                              num_labels=1000)).to(dev)
-  x = torch.from_numpy(batch["image"].transpose(0, 3, 1, 2).copy()).to(dev)
-  y = torch.from_numpy(batch["label"].astype(np.int64)).to(dev)
-  return _torch_loop(model, dev, lambda: model(pixel_values=x, labels=y).loss, autocast)
-
-
-def _torch_captioner(a, batch, autocast=False):
-  import torch
-  from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig, ViTModel, VisionEncoderDecoderModel
-  dev = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
-  enc = ViTModel(ViTConfig(hidden_size=a.width, num_hidden_layers=a.depth, num_attention_heads=a.heads,
-                           intermediate_size=4 * a.width, image_size=a.image_size, patch_size=a.patch),
-                 add_pooling_layer=False)
-  dec = GPT2LMHeadModel(GPT2Config(n_embd=a.width, n_layer=a.dec_depth, n_head=a.heads, n_inner=4 * a.width,
-                                   vocab_size=a.vocab, n_positions=a.text_len, add_cross_attention=True,
-                                   is_decoder=True))
-  model = VisionEncoderDecoderModel(encoder=enc, decoder=dec).to(dev)
-  x = torch.from_numpy(batch["image"].transpose(0, 3, 1, 2).copy()).to(dev)
-  tokens = torch.from_numpy(batch["tokens"].astype(np.int64)).to(dev)
-
-  def loss():
-    logits = model(pixel_values=x, decoder_input_ids=tokens[:, :-1]).logits
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
-  return _torch_loop(model, dev, loss, autocast)
-
-
-def _torch_loop(model, dev, loss_fn, bf16):
-  import torch
-  model.train()
-  opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
-  autocast = torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16)
-
-  def run(n):
-    if dev == "cuda":
-      torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-      opt.zero_grad(set_to_none=True)
-      with autocast:
-        loss = loss_fn()
-      loss.backward()
-      opt.step()
-    if dev == "cuda":
-      torch.cuda.synchronize()
-    return time.perf_counter() - t
-  return run
-
-
 def _compare(a, ours, theirs, flops_per_image, what, attention_impl, tokens=0):
   """Interleaved timing rounds of our step and each peer step in `theirs` ({name: run}); medians,
   ratios (`ratio` against the f32 peer `hf_torch`, `ratio_<name>` against the others), TFLOP/s, MFU."""
@@ -315,13 +253,13 @@ def profile_ops(run, directory: str, steps: int = 2, top: int = 15) -> list:
 
 def bench_train_vit(a):
   run, fl, batch, impl = _vit_step(a)
-  return _compare(a, run, {} if a.no_hf else _torch_runs(a, lambda a, bf16: _torch_vit(a, batch, bf16)), fl,
+  return _compare(a, run, {} if a.no_hf else torch_peers.runs(a, lambda a, bf16: torch_peers.vit(a, batch, bf16)), fl,
                   "train-vit", impl)
 
 
 def bench_train_captioner(a):
   run, fl, batch, impl = _caption_step(a)
-  return _compare(a, run, {} if a.no_hf else _torch_runs(a, lambda a, bf16: _torch_captioner(a, batch, bf16)), fl,
+  return _compare(a, run, {} if a.no_hf else torch_peers.runs(a, lambda a, bf16: torch_peers.captioner(a, batch, bf16)), fl,
                   "train-captioner", impl, a.text_len)
 
 
