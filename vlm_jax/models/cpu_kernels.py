@@ -1,5 +1,5 @@
-"""Builds and registers the hand-written XLA:CPU kernels (`cpu_attention.cc`, `cpu_matmul.cc`,
-`cpu_norm.cc`).
+"""Builds and registers the hand-written XLA:CPU kernels (`cpu_attention.cc`, `cpu_matmul.cc` with
+its MLP epilogues, `cpu_norm.cc`).
 
 Each entry of `KERNELS` is one build of one C++ source: its compiler flags, the CPU flags it
 needs (from /proc/cpuinfo), and the XLA FFI targets it registers (target name -> exported
@@ -45,7 +45,9 @@ KERNELS = {
                                ("avx2", "fma"), {"vlm_jax_attention_f32_fwd": "VlmAttentionFwd",
                                                  "vlm_jax_attention_f32_bwd": "VlmAttentionBwd"}),
     "matmul_float32": Build("the CPU matmul kernel (float32)", "cpu_matmul.cc", tuple(_AVX2), ("avx2", "fma"),
-                            {"vlm_jax_matmul_f32": "VlmMatmulF32"}),
+                            {"vlm_jax_matmul_f32": "VlmMatmulF32",
+                             "vlm_jax_matmul_bias_gelu_f32": "VlmMatmulBiasGeluF32",
+                             "vlm_jax_matmul_gelu_grad_f32": "VlmMatmulGeluGradF32"}),
     "layer_norm_float32": Build("the CPU LayerNorm kernel (float32)", "cpu_norm.cc",
                                 # no contraction of the scalar tails into FMAs: an FMA there would
                                 # subtract a row mean taken from differently rounded products

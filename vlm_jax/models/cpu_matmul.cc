@@ -9,6 +9,14 @@
 // product: B is packed once per call into 16-column panels of KC rows (a panel stays in L1), each
 // task packs an MC x KC block of A (in L2) into 6-row micro-panels, and a 6 x 16 micro-kernel keeps
 // its tile of C in 12 ymm registers.
+//
+// Two more targets run a transformer MLP's GELU inside the product, on each block of C while it is
+// still in cache, instead of in separate passes over the [tokens, hidden] activations:
+//   VlmMatmulBiasGeluF32: h = x W + b and a = gelu(h) (both returned: a feeds fc2, h the backward);
+//   VlmMatmulGeluGradF32: dh = (dy W2^T) * gelu'(h).
+// GELU is the exact one, x Phi(x); Phi comes from erfc in the form t P(t) exp(-z^2) of Abramowitz
+// and Stegun 7.1.26 (absolute error 1.4e-7, so gelu(h) is within 7e-8 |h| of exact, below the
+// rounding of h itself), and gelu'(h) = Phi(h) + h phi(h) reuses the same exp.
 
 #include <immintrin.h>
 
@@ -135,6 +143,77 @@ void micro_edge(const float* a, const float* b, int kc, float* c, long ldc, int 
   for (int r = 0; r < rows; ++r) std::memcpy(c + r * ldc, tile + r * NR, sizeof(float) * cols);
 }
 
+// e^x for x in [-88, 0], 8 at once: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two so n ln2
+// is exact to float precision), e^r by its Taylor series to degree 7 (error below 1e-8), and 2^n
+// built in the exponent bits.
+inline __m256 exp_nonpositive(__m256 x) {
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.4286068202862268e-06f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 5040);
+  for (float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+}
+
+// Phi(h) (the standard normal CDF) and phi(h) (its density) for 8 values of h.
+inline void normal_cdf_pdf(__m256 h, __m256* cdf, __m256* pdf) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  // z = |h| / sqrt(2), capped where erfc(z) is below float's smallest normal anyway (and exp's
+  // range holds)
+  const __m256 z = _mm256_min_ps(_mm256_mul_ps(_mm256_andnot_ps(sign, h), _mm256_set1_ps(0.70710678118654752f)),
+                                 _mm256_set1_ps(9.0f));
+  const __m256 e = exp_nonpositive(_mm256_xor_ps(_mm256_mul_ps(z, z), sign));  // exp(-z^2) = exp(-h^2 / 2)
+  const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), z, _mm256_set1_ps(1.0f)));
+  __m256 q = _mm256_set1_ps(1.061405429f);
+  for (float c : {-1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f}) q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(c));
+  const __m256 tail = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(q, t), e), _mm256_set1_ps(0.5f));  // Phi(-|h|)
+  const __m256 negative = _mm256_cmp_ps(h, _mm256_setzero_ps(), _CMP_LT_OQ);
+  *cdf = _mm256_blendv_ps(_mm256_sub_ps(_mm256_set1_ps(1.0f), tail), tail, negative);
+  *pdf = _mm256_mul_ps(e, _mm256_set1_ps(0.39894228040143268f));
+}
+
+// What a product does to its block of C once the block is complete.
+struct Epilogue {
+  enum Kind { kNone, kBiasGelu, kGeluGrad } kind = kNone;
+  const float* bias = nullptr;  // kBiasGelu: [n], added to C, which then holds h
+  float* act = nullptr;         // kBiasGelu: [m, n], receives gelu(h)
+  const float* h = nullptr;     // kGeluGrad: [m, n], C *= gelu'(h)
+};
+
+// Eight columns of one row of C at `c` (`act`, `h` at the same offset); `cols` < 8 go through a
+// full-width copy so the tail gets exactly the same arithmetic.
+inline void epilogue8(const Epilogue& e, float* c, long off, const float* bias, int cols) {
+  float cb[8] = {}, hb[8] = {}, bb[8] = {}, ab[8];
+  const bool full = cols == 8;
+  if (!full) {
+    std::memcpy(cb, c + off, sizeof(float) * cols);
+    if (e.kind == Epilogue::kGeluGrad) std::memcpy(hb, e.h + off, sizeof(float) * cols);
+    if (e.kind == Epilogue::kBiasGelu) std::memcpy(bb, bias, sizeof(float) * cols);
+  }
+  __m256 v = _mm256_loadu_ps(full ? c + off : cb), cdf, pdf;
+  if (e.kind == Epilogue::kBiasGelu) {
+    v = _mm256_add_ps(v, _mm256_loadu_ps(full ? bias : bb));
+    normal_cdf_pdf(v, &cdf, &pdf);
+    const __m256 a = _mm256_mul_ps(v, cdf);
+    _mm256_storeu_ps(full ? e.act + off : ab, a);
+    if (!full) std::memcpy(e.act + off, ab, sizeof(float) * cols);
+  } else {
+    const __m256 h = _mm256_loadu_ps(full ? e.h + off : hb);
+    normal_cdf_pdf(h, &cdf, &pdf);
+    v = _mm256_mul_ps(v, _mm256_fmadd_ps(h, pdf, cdf));
+  }
+  _mm256_storeu_ps(full ? c + off : cb, v);
+  if (!full) std::memcpy(c + off, cb, sizeof(float) * cols);
+}
+
+void apply_epilogue(const Epilogue& e, float* c, long n, long i0, int rows, long j0, long j1) {
+  for (long i = i0; i < i0 + rows; ++i)
+    for (long j = j0; j < j1; j += 8)
+      epilogue8(e, c, i * n + j, e.bias ? e.bias + j : nullptr, int(std::min<long>(8, j1 - j)));
+}
+
 struct Scratch {
   std::vector<float> a, b;
 };
@@ -145,7 +224,8 @@ inline long round_up(long x, long m) { return (x + m - 1) / m * m; }
 // C[m, n] = op(A) op(B) with reduction length k. B is packed once (tasks over its KC chunks);
 // then tasks over blocks of mc rows x nc columns of C pack their rows of A per chunk and run the
 // micro-kernel over them, the B panel in the inner loop (so it stays in L1 across the block's rows).
-void matmul(const Operand& a, const Operand& b, float* c, long m, long n, long k, ffi::ThreadPool& pool) {
+void matmul(const Operand& a, const Operand& b, float* c, long m, long n, long k, ffi::ThreadPool& pool,
+            const Epilogue& epilogue = {}) {
   const long np = round_up(n, NR);
   const int chunks = int((k + KC - 1) / KC);
   // Packed B: contiguous panels (reading a row-major B in place, as strided panels, measured slower).
@@ -187,6 +267,7 @@ void matmul(const Operand& a, const Operand& b, float* c, long m, long n, long k
         }
       }
     }
+    if (epilogue.kind != Epilogue::kNone) apply_epilogue(epilogue, c, n, i0, rows, j0, j1);
   });
 }
 
@@ -209,7 +290,65 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer
   return ffi::Error::Success();
 }
 
+// x [m, k] @ w [k, n] + bias [n] -> h [m, n] and gelu(h) [m, n].
+ffi::Error BiasGeluImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                        ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> h, ffi::ResultBuffer<ffi::F32> act) {
+  auto dx = x.dimensions(), dw = w.dimensions();
+  if (dx.size() != 2 || dw.size() != 2 || dx[1] != dw[0] || bias.dimensions().size() != 1 ||
+      bias.dimensions()[0] != dw[1])
+    return ffi::Error::InvalidArgument("cpu_matmul: bias_gelu expects x [m, k], w [k, n], bias [n]");
+  long m = dx[0], k = dx[1], n = dw[1];
+  if (m == 0 || n == 0) return ffi::Error::Success();
+  Epilogue e;
+  e.kind = Epilogue::kBiasGelu;
+  e.bias = bias.typed_data();
+  e.act = act->typed_data();
+  if (k == 0) {
+    std::memset(h->typed_data(), 0, sizeof(float) * m * n);
+    apply_epilogue(e, h->typed_data(), n, 0, int(m), 0, n);
+    return ffi::Error::Success();
+  }
+  matmul(Operand{x.typed_data(), k, false}, Operand{w.typed_data(), n, false}, h->typed_data(), m, n, k, pool, e);
+  return ffi::Error::Success();
+}
+
+// (dy [m, k] @ w2 [n, k]^T) * gelu'(h [m, n]) -> dh [m, n].
+ffi::Error GeluGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w2,
+                        ffi::Buffer<ffi::F32> h, ffi::ResultBuffer<ffi::F32> dh) {
+  auto dd = dy.dimensions(), dw = w2.dimensions(), dhh = h.dimensions();
+  if (dd.size() != 2 || dw.size() != 2 || dhh.size() != 2 || dd[1] != dw[1] || dhh[0] != dd[0] || dhh[1] != dw[0])
+    return ffi::Error::InvalidArgument("cpu_matmul: gelu_grad expects dy [m, k], w2 [n, k], h [m, n]");
+  long m = dd[0], k = dd[1], n = dw[0];
+  if (m == 0 || n == 0) return ffi::Error::Success();
+  if (k == 0) {
+    std::memset(dh->typed_data(), 0, sizeof(float) * m * n);
+    return ffi::Error::Success();
+  }
+  Epilogue e;
+  e.kind = Epilogue::kGeluGrad;
+  e.h = h.typed_data();
+  matmul(Operand{dy.typed_data(), k, false}, Operand{w2.typed_data(), k, true}, dh->typed_data(), m, n, k, pool, e);
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VlmMatmulBiasGeluF32, BiasGeluImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VlmMatmulGeluGradF32, GeluGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VlmMatmulF32, MatmulImpl,
                               ffi::Ffi::Bind()

@@ -3,7 +3,8 @@
 Parameters carry logical axis names (`embed`, `mlp`, `heads`, `kv`, `vocab`, ...) and large
 activations are constrained with `act_*` names; `vlm_jax.parallel.RULES` maps them to the mesh.
 Every matmul goes through `precision.dot_general(dtype_mm)` (bf16 operands with f32 accumulation
-when `dtype_mm="bfloat16"`). Attention weights are stored head-major as [embed, heads, head_dim]
+when `dtype_mm="bfloat16"`), except the Mlp's where `matmul` picks the f32 CPU kernel: there the
+whole MLP is one `cpu_mlp.mlp`, its GELU folded into the kernel's products. Attention weights are stored head-major as [embed, heads, head_dim]
 (q/k/v) and [heads, head_dim, embed] (output), which maps one-to-one onto Hugging Face's Linear
 layers.
 MultiHeadAttention also owns the decoding KV cache (flax "cache" collection): self-attention
@@ -22,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.models import cpu_attention, cpu_kernels, cpu_norm
+from vlm_jax.models import cpu_attention, cpu_kernels, cpu_mlp, cpu_norm
 from vlm_jax.models.precision import cpu_kernels_on, dot_general
 
 Dtype = Any
@@ -111,8 +112,12 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
     d = x.shape[-1]
-    dg = dot_general(self.dtype_mm, self.matmul)
     init = nn.initializers.xavier_uniform()
+    if self._fused(deterministic):
+      w1, b1 = _DenseParams(self.hidden, ("embed", "mlp"), self.param_dtype, name="fc1")(d)
+      w2, b2 = _DenseParams(d, ("mlp", "embed"), self.param_dtype, name="fc2")(self.hidden)
+      return cpu_mlp.mlp(x.reshape(-1, d), w1, b1, w2, b2).reshape(x.shape)
+    dg = dot_general(self.dtype_mm, self.matmul)
     h = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1", dot_general=dg,
                  kernel_init=logical(init, ("embed", "mlp")),
                  bias_init=logical(nn.initializers.normal(1e-6), ("mlp",)))(x)
@@ -122,6 +127,30 @@ class Mlp(nn.Module):
     return nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2", dot_general=dg,
                     kernel_init=logical(init, ("mlp", "embed")),
                     bias_init=logical(nn.initializers.normal(1e-6), ("embed",)))(h)
+
+  def _fused(self, deterministic) -> bool:
+    """Whether the MLP runs as one `cpu_mlp.mlp` (the f32 matmul kernel with the exact GELU folded
+    into its products): where `matmul` picks the kernel, outside a multi-device mesh, for f32
+    compute and matmuls, the exact GELU and no dropout between the layers."""
+    return (jnp.dtype(self.dtype) == jnp.float32 and jnp.dtype(self.dtype_mm) == jnp.float32
+            and jnp.dtype(self.param_dtype) == jnp.float32 and not self.gelu_approximate
+            and (self.dropout == 0 or deterministic) and not cpu_kernels.multi_device()
+            and cpu_kernels_on(self.matmul, cpu_mlp.unavailable, "matmuls"))
+
+
+class _DenseParams(nn.Module):
+  """The parameters of an `nn.Dense` (same names, shapes and initialisers as the Mlp's), for the
+  fused path that uses them without the Dense."""
+  features: int
+  axes: tuple
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, in_features):
+    w = self.param("kernel", logical(nn.initializers.xavier_uniform(), self.axes), (in_features, self.features),
+                   self.param_dtype)
+    b = self.param("bias", logical(nn.initializers.normal(1e-6), self.axes[1:]), (self.features,), self.param_dtype)
+    return w, b
 
 
 class MultiHeadAttention(nn.Module):
