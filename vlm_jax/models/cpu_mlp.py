@@ -28,16 +28,15 @@ def _gelu_grad(dy, w2, h):
   return call(dy, w2, h)
 
 
-@jax.custom_vjp
-def mlp(x, w1, b1, w2, b2):
-  """gelu(x @ w1 + b1) @ w2 + b2 for x [tokens, d], w1 [d, hidden], w2 [hidden, d] (float32)."""
-  _, a = _bias_gelu(x, w1, b1)
-  return matmul(a, w2) + b2
-
-
 def _mlp_fwd(x, w1, b1, w2, b2):
   h, a = _bias_gelu(x, w1, b1)
   return matmul(a, w2) + b2, (x, w1, w2, h, a)
+
+
+@jax.custom_vjp
+def mlp(x, w1, b1, w2, b2):
+  """gelu(x @ w1 + b1) @ w2 + b2 for x [tokens, d], w1 [d, hidden], w2 [hidden, d] (float32)."""
+  return _mlp_fwd(x, w1, b1, w2, b2)[0]
 
 
 def _mlp_bwd(res, dy):

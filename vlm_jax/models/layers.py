@@ -100,6 +100,11 @@ def gelu_exact(x):
   return 0.5 * x * (1.0 + jax.lax.erf(x * 0.7071067811865476))
 
 
+# The Mlp's initialisers, shared by its nn.Dense layers and the fused path's _DenseParams.
+_MLP_KERNEL_INIT = nn.initializers.xavier_uniform()
+_MLP_BIAS_INIT = nn.initializers.normal(1e-6)
+
+
 class Mlp(nn.Module):
   hidden: int
   dropout: float = 0.0
@@ -112,21 +117,20 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
     d = x.shape[-1]
-    init = nn.initializers.xavier_uniform()
     if self._fused(deterministic):
       w1, b1 = _DenseParams(self.hidden, ("embed", "mlp"), self.param_dtype, name="fc1")(d)
       w2, b2 = _DenseParams(d, ("mlp", "embed"), self.param_dtype, name="fc2")(self.hidden)
       return cpu_mlp.mlp(x.reshape(-1, d), w1, b1, w2, b2).reshape(x.shape)
     dg = dot_general(self.dtype_mm, self.matmul)
     h = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1", dot_general=dg,
-                 kernel_init=logical(init, ("embed", "mlp")),
-                 bias_init=logical(nn.initializers.normal(1e-6), ("mlp",)))(x)
+                 kernel_init=logical(_MLP_KERNEL_INIT, ("embed", "mlp")),
+                 bias_init=logical(_MLP_BIAS_INIT, ("mlp",)))(x)
     h = nn.gelu(h, approximate=True) if self.gelu_approximate else gelu_exact(h)
     h = constrain(h, ("act_batch", "act_length", "act_mlp"))
     h = nn.Dropout(self.dropout)(h, deterministic)
     return nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2", dot_general=dg,
-                    kernel_init=logical(init, ("mlp", "embed")),
-                    bias_init=logical(nn.initializers.normal(1e-6), ("embed",)))(h)
+                    kernel_init=logical(_MLP_KERNEL_INIT, ("mlp", "embed")),
+                    bias_init=logical(_MLP_BIAS_INIT, ("embed",)))(h)
 
   def _fused(self, deterministic) -> bool:
     """Whether the MLP runs as one `cpu_mlp.mlp` (the f32 matmul kernel with the exact GELU folded
@@ -139,17 +143,16 @@ class Mlp(nn.Module):
 
 
 class _DenseParams(nn.Module):
-  """The parameters of an `nn.Dense` (same names, shapes and initialisers as the Mlp's), for the
-  fused path that uses them without the Dense."""
+  """The parameters of one of the Mlp's `nn.Dense` layers (same names, shapes and initialisers),
+  for the fused path that uses them without the Dense."""
   features: int
   axes: tuple
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, in_features):
-    w = self.param("kernel", logical(nn.initializers.xavier_uniform(), self.axes), (in_features, self.features),
-                   self.param_dtype)
-    b = self.param("bias", logical(nn.initializers.normal(1e-6), self.axes[1:]), (self.features,), self.param_dtype)
+    w = self.param("kernel", logical(_MLP_KERNEL_INIT, self.axes), (in_features, self.features), self.param_dtype)
+    b = self.param("bias", logical(_MLP_BIAS_INIT, self.axes[1:]), (self.features,), self.param_dtype)
     return w, b
 
 
@@ -254,12 +257,17 @@ class MultiHeadAttention(nn.Module):
     y = jnp.einsum("bqhk,hkd->bqd", out, wo.astype(self.dtype), _dot_general=dot_general(self.dtype_mm, self.matmul))
     return constrain(y + bo.astype(self.dtype), BTD)
 
+  def _kernel_call(self, mask, deterministic, decode) -> bool:
+    """Whether this call is one the fused kernels (CPU and cuDNN) take: no mask but the causal one,
+    not decoding, no dropout on the attention weights."""
+    return mask is None and not decode and not (self.dropout > 0 and not deterministic)
+
   def _fused(self, mask, deterministic, decode) -> Optional[str]:
     """The matmul precision this call runs the fused CPU kernel with (see ATTENTION), or None for
     XLA's path; the kernel takes no mask but the causal one."""
     if self.attention not in ATTENTION:
       raise ValueError(f"attention={self.attention!r} is not one of {ATTENTION}")
-    if self.attention in ("xla", "cudnn") or mask is not None or decode or (self.dropout > 0 and not deterministic):
+    if self.attention in ("xla", "cudnn") or not self._kernel_call(mask, deterministic, decode):
       return None
     # The bf16 build takes f32 or bf16 activations; the f32 one only f32 (plain f32 dots on bf16
     # activations round differently).
@@ -278,8 +286,7 @@ class MultiHeadAttention(nn.Module):
     """The dtype q, k, v go to cuDNN's flash attention in, or None for the other paths. It takes
     bf16/f16 only: bf16 compute, or f32 compute with bf16 matmuls (`dtype_mm`, whose semantics
     cuDNN keeps: bf16 products, f32 accumulation and softmax)."""
-    if self.attention not in ("auto", "cudnn") or mask is not None or decode or (
-        self.dropout > 0 and not deterministic):
+    if self.attention not in ("auto", "cudnn") or not self._kernel_call(mask, deterministic, decode):
       return None
     strict = self.attention == "cudnn"
     if _backend() != "gpu":
