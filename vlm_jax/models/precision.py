@@ -27,7 +27,8 @@ from vlm_jax.models import cpu_kernels, cpu_matmul
 MM_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # How f32 matmuls (dtype_mm="float32") and f32 LayerNorms run: "auto" on the CPU kernels
-# (`models.cpu_matmul`, `models.cpu_norm`) on x86-64 CPUs with AVX2 + FMA and without AVX-512, else
+# (`models.cpu_matmul`, with the MLPs' exact GELU folded in by `models.cpu_mlp`, and
+# `models.cpu_norm`) on x86-64 CPUs with AVX2 + FMA and without AVX-512, else
 # XLA's; "xla": always XLA's; "cpu_fused": always the kernels (an error naming the cause if this
 # machine cannot run them). bf16 matmuls always use XLA's dot. Under a multi-device mesh the
 # kernels step aside for XLA (they have no sharding rule).
