@@ -23,7 +23,7 @@ def runs(a, build):
 def vit(a, batch, autocast=False):
   import torch
   from transformers import ViTConfig, ViTForImageClassification
-  dev = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+  dev = _device()
   model = ViTForImageClassification(ViTConfig(hidden_size=a.width, num_hidden_layers=a.depth, num_attention_heads=a.heads,
                                               intermediate_size=4 * a.width, image_size=a.image_size, patch_size=a.patch,
                                               num_labels=1000)).to(dev)
@@ -35,7 +35,7 @@ def vit(a, batch, autocast=False):
 def captioner(a, batch, autocast=False):
   import torch
   from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig, ViTModel, VisionEncoderDecoderModel
-  dev = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+  dev = _device()
   enc = ViTModel(ViTConfig(hidden_size=a.width, num_hidden_layers=a.depth, num_attention_heads=a.heads,
                            intermediate_size=4 * a.width, image_size=a.image_size, patch_size=a.patch),
                  add_pooling_layer=False)
@@ -50,6 +50,12 @@ def captioner(a, batch, autocast=False):
     logits = model(pixel_values=x, decoder_input_ids=tokens[:, :-1]).logits
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
   return _loop(model, dev, loss, autocast)
+
+
+def _device() -> str:
+  """Where the peer runs: CUDA when JAX runs on a GPU and this torch has CUDA, else the CPU."""
+  import torch
+  return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
 
 
 def _loop(model, dev, loss_fn, bf16):

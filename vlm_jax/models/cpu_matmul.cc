@@ -226,6 +226,12 @@ inline long round_up(long x, long m) { return (x + m - 1) / m * m; }
 // micro-kernel over them, the B panel in the inner loop (so it stays in L1 across the block's rows).
 void matmul(const Operand& a, const Operand& b, float* c, long m, long n, long k, ffi::ThreadPool& pool,
             const Epilogue& epilogue = {}) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {  // an empty sum: C = 0, then the epilogue
+    std::memset(c, 0, sizeof(float) * m * n);
+    if (epilogue.kind != Epilogue::kNone) apply_epilogue(epilogue, c, n, 0, int(m), 0, n);
+    return;
+  }
   const long np = round_up(n, NR);
   const int chunks = int((k + KC - 1) / KC);
   // Packed B: contiguous panels (reading a row-major B in place, as strided panels, measured slower).
@@ -280,11 +286,6 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer
   long kb = trans_b ? db[1] : db[0], n = trans_b ? db[0] : db[1];
   if (k != kb || dc[0] != m || dc[1] != n)
     return ffi::Error::InvalidArgument("cpu_matmul: operand shapes do not match");
-  if (m == 0 || n == 0) return ffi::Error::Success();
-  if (k == 0) {
-    std::memset(c->typed_data(), 0, sizeof(float) * m * n);
-    return ffi::Error::Success();
-  }
   Operand oa{a.typed_data(), long(da[1]), trans_a != 0}, ob{b.typed_data(), long(db[1]), trans_b != 0};
   matmul(oa, ob, c->typed_data(), m, n, k, pool);
   return ffi::Error::Success();
@@ -298,16 +299,10 @@ ffi::Error BiasGeluImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
       bias.dimensions()[0] != dw[1])
     return ffi::Error::InvalidArgument("cpu_matmul: bias_gelu expects x [m, k], w [k, n], bias [n]");
   long m = dx[0], k = dx[1], n = dw[1];
-  if (m == 0 || n == 0) return ffi::Error::Success();
   Epilogue e;
   e.kind = Epilogue::kBiasGelu;
   e.bias = bias.typed_data();
   e.act = act->typed_data();
-  if (k == 0) {
-    std::memset(h->typed_data(), 0, sizeof(float) * m * n);
-    apply_epilogue(e, h->typed_data(), n, 0, int(m), 0, n);
-    return ffi::Error::Success();
-  }
   matmul(Operand{x.typed_data(), k, false}, Operand{w.typed_data(), n, false}, h->typed_data(), m, n, k, pool, e);
   return ffi::Error::Success();
 }
@@ -319,11 +314,6 @@ ffi::Error GeluGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buf
   if (dd.size() != 2 || dw.size() != 2 || dhh.size() != 2 || dd[1] != dw[1] || dhh[0] != dd[0] || dhh[1] != dw[0])
     return ffi::Error::InvalidArgument("cpu_matmul: gelu_grad expects dy [m, k], w2 [n, k], h [m, n]");
   long m = dd[0], k = dd[1], n = dw[0];
-  if (m == 0 || n == 0) return ffi::Error::Success();
-  if (k == 0) {
-    std::memset(dh->typed_data(), 0, sizeof(float) * m * n);
-    return ffi::Error::Success();
-  }
   Epilogue e;
   e.kind = Epilogue::kGeluGrad;
   e.h = h.typed_data();
