@@ -34,10 +34,10 @@ VIT = dict(num_classes=10, patch_size=8, width=256, depth=2, num_heads=4, mlp_di
            matmul="xla")
 
 
-@pytest.mark.parametrize("pool", ["cls", "map"])
-def test_vit_count_matches_cost_analysis_of_unrolled_model(pool):
+@pytest.mark.parametrize("pool,pooled_only", [("cls", False), ("cls", True), ("map", False)])
+def test_vit_count_matches_cost_analysis_of_unrolled_model(pool, pooled_only):
   images = jnp.ones((B, 32, 32, 3))
-  model = ViT(pool=pool, scan_layers=False, **VIT)
+  model = ViT(pool=pool, scan_layers=False, pooled_only=pooled_only, **VIT)
   labels = jnp.zeros((B,), jnp.int32)
   loss = lambda out: optax.softmax_cross_entropy_with_integer_labels(out[0], labels).mean()
   xla_fwd, fwd, xla_train, train = _counts(model, {"image": images}, (images,), loss)

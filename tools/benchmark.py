@@ -95,7 +95,9 @@ def _vit_config(a, scan=None):
 
 
 def _vit_step(a):
-  """(step(n) -> seconds for n steps, flops per image) of the trainer's jitted step on a fixed batch."""
+  """(step(n) -> seconds for n steps, (our, the peer's) train FLOPs per image, batch, attention) of
+  the trainer's jitted step on a fixed batch. The task's ViT runs the last block for the class token
+  alone (`ViT.pooled_only`); HF's computes every token, so the peer's count is the full model's."""
   cfg = _vit_config(a)
   s = train.build(cfg, sources.DataInfo("synthetic", 1000, None, {}, ()), devices=jax.devices()[:1])
   step = train.make_train_step(s)
@@ -115,7 +117,8 @@ def _vit_step(a):
         box[0], m = step(box[0], gb)
       jax.block_until_ready(m)
       return time.perf_counter() - t
-  return run, flops.train_flops(s.task.model, batch), batch, impl
+  model = s.task.model
+  return run, (flops.train_flops(model, batch), flops.train_flops(model.clone(pooled_only=False), batch)), batch, impl
 
 
 def _caption_step(a):
@@ -171,7 +174,9 @@ def _dtype(name):
 
 def _compare(a, ours, theirs, flops_per_image, what, attention_impl, tokens=0):
   """Interleaved timing rounds of our step and each peer step in `theirs` ({name: run}); medians,
-  ratios (`ratio` against the f32 peer `hf_torch`, `ratio_<name>` against the others), TFLOP/s, MFU."""
+  ratios (`ratio` against the f32 peer `hf_torch`, `ratio_<name>` against the others), TFLOP/s, MFU.
+  `flops_per_image`: one count for both sides, or (ours, the peers') where our step skips work."""
+  flops_per_image, peer_flops = flops_per_image if isinstance(flops_per_image, tuple) else (flops_per_image,) * 2
   run = ours
   t = time.perf_counter()
   run(1)
@@ -194,22 +199,23 @@ def _compare(a, ours, theirs, flops_per_image, what, attention_impl, tokens=0):
          "compile_s": compile_s, "vlm_jax_images_per_s": ips, "vlm_jax_tflops": ips * flops_per_image / 1e12,
          "peak_tflops": peak / 1e12 if peak else None, "mfu": ips * flops_per_image / peak if peak else None,
          "peak_f32_tflops": peak_f32 / 1e12 if peak_f32 else None,
-         "mfu_of_f32_peak": ips * flops_per_image / peak_f32 if peak_f32 else None}
+         "mfu_of_f32_peak": ips * flops_per_image / peak_f32 if peak_f32 else None,
+         "vlm_jax_flops_per_image": flops_per_image, "peer_flops_per_image": peer_flops}
   if tokens:
     out["vlm_jax_tokens_per_s"] = ips * tokens
   for name, v in hf.items():
     suffix = "" if name == "hf_torch" else name[len("hf_torch"):]
     out[f"{name}_images_per_s"] = statistics.median(v)
-    out[f"{name}_mfu"] = out[f"{name}_images_per_s"] * flops_per_image / peak if peak else None
+    out[f"{name}_mfu"] = out[f"{name}_images_per_s"] * peer_flops / peak if peak else None
     out[f"ratio{suffix}"] = ips / out[f"{name}_images_per_s"]
     out[f"ratio{suffix}_of_round_medians"] = statistics.median([m / h for m, h in zip(mine, v)])
   if peak and peak_f32 and peak != peak_f32:
     print(f"peaks: {a.dtype_mm} matmuls {peak / 1e12:.3f} TFLOP/s (MFU), f32 {peak_f32 / 1e12:.3f} (MFU f32)")
   print(f"{'framework':>14} {'images/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'MFU f32':>8}")
-  for name, v in (("vlm_jax", ips), *((n, out[f"{n}_images_per_s"]) for n in hf)):
-    mfu = f"{v * flops_per_image / peak:.3f}" if peak else "n/a"
-    mfu32 = f"{v * flops_per_image / peak_f32:.3f}" if peak_f32 else "n/a"
-    print(f"{name:>14} {v:>9.2f} {v * flops_per_image / 1e12:>8.3f} {mfu:>6} {mfu32:>8}")
+  for name, v, fl in (("vlm_jax", ips, flops_per_image), *((n, out[f"{n}_images_per_s"], peer_flops) for n in hf)):
+    mfu = f"{v * fl / peak:.3f}" if peak else "n/a"
+    mfu32 = f"{v * fl / peak_f32:.3f}" if peak_f32 else "n/a"
+    print(f"{name:>14} {v:>9.2f} {v * fl / 1e12:>8.3f} {mfu:>6} {mfu32:>8}")
   for name in hf:
     print(f"ratio vlm_jax / {name}: {ips / out[f'{name}_images_per_s']:.2f}")
   if a.profile:

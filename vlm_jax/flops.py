@@ -55,6 +55,8 @@ def vit_forward(vit, image_size: int) -> tuple[int, int]:
   t = n + (vit.pool == "cls")
   embed = 2 * n * (vit.patch_size ** 2 * 3) * d
   total = embed + vit.depth * encoder_layer(t, d, vit.mlp_dim)
+  if vit.prunes_last_layer():  # its last block runs queries, output projection and MLP for one token
+    total -= encoder_layer(t, d, vit.mlp_dim) - (4 * t * d * d + 4 * d * d + _attention(1, t, d) + _mlp(1, d, vit.mlp_dim))
   if vit.pool == "map":  # one probe query attends over the t tokens, then an MLP on it
     total += 4 * d * d + 4 * t * d * d + _attention(1, t, d) + _mlp(1, d, vit.mlp_dim)
   if vit.num_classes:

@@ -1,5 +1,5 @@
 """ViT: output shapes per pooling, scan == unrolled, logical names on every parameter, posemb resize,
-the patch embedding equals the conv it replaces."""
+the patch embedding equals the conv it replaces, the class-token-only last block (`pooled_only`)."""
 
 import flax.linen as nn
 import jax
@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vlm_jax.models.layers import EncoderBlock, stack_layers
 from vlm_jax.models.vit import PatchEmbed, ViT, resize_posemb
 
 KW = dict(patch_size=8, width=32, depth=2, mlp_dim=48, num_heads=4)
@@ -37,6 +38,53 @@ def test_scan_matches_unrolled():
   b, _ = unrolled.apply({"params": p}, x)
   np.testing.assert_allclose(a, b, atol=1e-5)
   assert float(jnp.abs(a).max()) > 0
+
+
+@pytest.mark.parametrize("matmul", ["auto", "xla"])  # the CPU kernels (where this CPU runs them) and XLA
+def test_pooled_only_prunes_the_last_block_with_the_same_logits_and_gradients(matmul):
+  x = jax.random.normal(jax.random.PRNGKey(1), (3, 32, 32, 3))
+  kw = dict(num_classes=5, pool="cls", scan_layers=False, head_zero_init=False, matmul=matmul, attention=matmul,
+            **{**KW, "depth": 3})
+  full, pruned = ViT(**kw), ViT(pooled_only=True, **kw)
+  assert pruned.prunes_last_layer() and not full.prunes_last_layer()
+  p = nn.meta.unbox(full.init(jax.random.PRNGKey(0), x))
+  assert jax.tree.structure(p) == jax.tree.structure(nn.meta.unbox(pruned.init(jax.random.PRNGKey(0), x)))
+  (a, aux_a), (b, aux_b) = full.apply(p, x), pruned.apply(p, x)
+  np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+  assert aux_b["tokens"].shape == (3, 1, 32) and aux_a["tokens"].shape == (3, 17, 32)
+  np.testing.assert_allclose(aux_b["tokens"][:, 0], aux_a["tokens"][:, 0], rtol=1e-5, atol=1e-6)
+  labels = jnp.array([0, 3, 4])
+  grad = lambda m: jax.grad(lambda q: -jnp.take_along_axis(jax.nn.log_softmax(m.apply(q, x)[0]), labels[:, None],
+                                                           1).sum())(p)
+  ga, gb = grad(full), grad(pruned)
+  for (path, u), v in zip(jax.tree_util.tree_leaves_with_path(ga), jax.tree.leaves(gb)):
+    np.testing.assert_allclose(v, u, rtol=2e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+  # The last block's query-side weights get gradient from the class token only; still non-zero.
+  assert float(jnp.abs(gb["params"]["encoder"]["layers_2"]["mlp"]["fc1"]["kernel"]).max()) > 0
+
+
+@pytest.mark.parametrize("change", [dict(pool="gap"), dict(pool="map"), dict(scan_layers=True)])
+def test_pooled_only_leaves_other_models_whole(change):
+  m = ViT(num_classes=5, pooled_only=True, **{**dict(pool="cls", scan_layers=False), **change}, **KW)
+  assert not m.prunes_last_layer()
+  x = jnp.ones((2, 32, 32, 3))
+  _, aux = m.apply(nn.meta.unbox(m.init(jax.random.PRNGKey(0), x)), x)
+  assert aux["tokens"].shape[1] == (17 if m.pool == "cls" else 16)
+
+
+def test_encoder_block_queries_equal_the_full_blocks_first_rows_under_a_mask():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 32))
+  mask = jnp.tril(jnp.ones((6, 6), bool))[None, None] | jnp.eye(6, dtype=bool)[::-1][None, None]
+  full, part = EncoderBlock(num_heads=4, mlp_dim=48), EncoderBlock(num_heads=4, mlp_dim=48, queries=2)
+  p = full.init(jax.random.PRNGKey(1), x, mask)
+  a, _ = full.apply(p, x, mask)
+  b, _ = part.apply(p, x, mask)
+  assert b.shape == (2, 2, 32)
+  np.testing.assert_allclose(b, a[:, :2], rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="post_ln"):
+    EncoderBlock(num_heads=4, mlp_dim=48, queries=2, post_ln=True).apply(p, x)
+  with pytest.raises(ValueError, match="scan=False"):
+    stack_layers(EncoderBlock, 2, True, "none")({}, last_kwargs={"queries": 1})
 
 
 def test_remat_same_output_and_grad():

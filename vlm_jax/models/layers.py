@@ -79,12 +79,16 @@ def stack_layers(block_cls, depth: int, scan: bool, remat: str, static_argnums=(
     block_cls = nn.remat(block_cls, policy=remat_policy(remat), prevent_cse=not scan,
                          static_argnums=static_argnums)
 
-  def build(parent_kwargs, name="layers"):
+  def build(parent_kwargs, name="layers", last_kwargs=None):
+    """`last_kwargs`: extra fields of the last block (unrolled stacks only: a scan runs one body)."""
     if scan:
+      if last_kwargs:
+        raise ValueError("a scanned layer stack runs the same block at every depth; last_kwargs needs scan=False")
       return nn.scan(block_cls, variable_axes={"params": 0, "cache": 0},
                      split_rngs={"params": True, "dropout": True}, in_axes=nn.broadcast, length=depth,
                      metadata_params={nn.PARTITION_NAME: "layers"})(name=name, **parent_kwargs)
-    blocks = [block_cls(name=f"{name}_{i}", **parent_kwargs) for i in range(depth)]
+    extra = lambda i: (last_kwargs or {}) if i == depth - 1 else {}
+    blocks = [block_cls(name=f"{name}_{i}", **parent_kwargs, **extra(i)) for i in range(depth)]
 
     def run(x, *args):
       for b in blocks:
@@ -379,6 +383,9 @@ class EncoderBlock(nn.Module):
   Shared by the ViT encoder and the text encoder (same parameter names: ln1, attn, ln2, mlp).
   `post_ln=True` is the BERT order instead: LN(x + Attn(x)), then LN(x + Mlp(x)), with ln1/ln2
   normalising after the attention / MLP residual.
+  `queries=n` (pre-LN only) returns the first n tokens' outputs alone: only they query the
+  attention (their keys and values still come from every token) and go through the MLP, so a
+  last block whose other outputs nobody reads (a class-token-pooled ViT) skips that work.
   """
   num_heads: int
   mlp_dim: int
@@ -387,6 +394,7 @@ class EncoderBlock(nn.Module):
   gelu_approximate: bool = False
   post_ln: bool = False
   deterministic: bool = True
+  queries: int = 0  # 0: every token's output
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   dtype_mm: Dtype = jnp.float32
@@ -404,9 +412,16 @@ class EncoderBlock(nn.Module):
     attn = MultiHeadAttention(self.num_heads, name="attn", attention=self.attention, **mm)
     mlp = Mlp(self.mlp_dim, dropout=self.dropout, gelu_approximate=self.gelu_approximate, name="mlp", **mm)
     if self.post_ln:
+      if self.queries:
+        raise ValueError("EncoderBlock(queries=...) is for pre-LN blocks; post_ln=True runs every token")
       x = ln1(x + drop(attn(x, mask=mask, deterministic=self.deterministic)))
       x = ln2(x + drop(mlp(x, self.deterministic)))
       return constrain(x, BTD), None
-    x = x + drop(attn(ln1(x), mask=mask, deterministic=self.deterministic))
+    if self.queries:
+      y, n = ln1(x), self.queries
+      mask = None if mask is None else mask[:, :, :n]
+      x = x[:, :n] + drop(attn(y[:, :n], context=y, mask=mask, deterministic=self.deterministic))
+    else:
+      x = x + drop(attn(ln1(x), mask=mask, deterministic=self.deterministic))
     x = x + drop(mlp(ln2(x), self.deterministic))
     return constrain(x, BTD), None

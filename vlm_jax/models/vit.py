@@ -36,6 +36,7 @@ class Encoder(nn.Module):
   dtype_mm: Dtype = jnp.float32
   matmul: str = "auto"
   attention: str = "auto"
+  last_queries: int = 0  # >0: the last block outputs only the first last_queries tokens (unrolled only)
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
@@ -43,7 +44,8 @@ class Encoder(nn.Module):
               gelu_approximate=self.gelu_approximate, deterministic=deterministic, dtype=self.dtype,
               param_dtype=self.param_dtype, dtype_mm=self.dtype_mm, matmul=self.matmul,
               attention=self.attention)
-    x, _ = stack_layers(EncoderBlock, self.depth, self.scan_layers, self.remat)(kw)(x)
+    last = {"queries": self.last_queries} if self.last_queries else None
+    x, _ = stack_layers(EncoderBlock, self.depth, self.scan_layers, self.remat)(kw, last_kwargs=last)(x)
     return layer_norm(self.ln_eps, self.dtype, self.param_dtype, "norm", self.matmul)(x)
 
 
@@ -119,6 +121,15 @@ class ViT(nn.Module):
   dtype_mm: Dtype = jnp.float32  # matmul operands (see models.precision)
   matmul: str = "auto"  # see models.precision.MATMUL
   attention: str = "auto"  # see layers.ATTENTION
+  # Set by callers that read only the pooled output or logits (the classification task, the
+  # two-tower model): with pool="cls" and unrolled layers the last block then runs the class token
+  # alone through its attention queries and MLP (keys and values still come from every token), the
+  # same logits and gradients for 1/T of that block's query-side work; aux["tokens"] is then [B, 1, D].
+  pooled_only: bool = False
+
+  def prunes_last_layer(self) -> bool:
+    """Whether the last block computes the class token's output alone (see `pooled_only`)."""
+    return self.pooled_only and self.pool == "cls" and not self.scan_layers and self.depth > 0
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -140,7 +151,8 @@ class ViT(nn.Module):
     x = nn.Dropout(self.dropout)(x, not train)
     x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.dropout, self.ln_eps, self.gelu_approximate,
                 self.scan_layers, self.remat, name="encoder", dtype_mm=self.dtype_mm,
-                matmul=self.matmul, attention=self.attention, **kw)(x, not train)
+                matmul=self.matmul, attention=self.attention, last_queries=int(self.prunes_last_layer()),
+                **kw)(x, not train)
     if self.pool == "cls":
       pooled = x[:, 0]
     elif self.pool == "gap":

@@ -98,7 +98,7 @@ class TwoTower(nn.Module):
     txt = dict(self.text or {})
     if "vocab_size" not in txt:
       raise ValueError("TwoTower text tower needs vocab_size")
-    self.img = ViT(**img)
+    self.img = ViT(**{"pooled_only": True, **img})  # the towers' pooled outputs are all that is read
     self.txt = TextEncoder(**txt)
     dim = self.embed_dim or int(img.get("width", ViT.width))
     for which, cfg, cls, proj in (("image", img, ViT, self.image_proj), ("text", txt, TextEncoder, self.text_proj)):

@@ -23,7 +23,8 @@ class Task:
     self.class_names = data_info.class_names
     self.image_size = cfg.input.image_size
     try:
-      self.model = ViT(num_classes=data_info.num_classes, **module_kwargs(cfg.model))
+      # Only the logits are read, so a class-token-pooled ViT may skip the other tokens' last-layer work.
+      self.model = ViT(num_classes=data_info.num_classes, **{"pooled_only": True, **module_kwargs(cfg.model)})
     except TypeError as e:
       raise UserError(f"model config does not fit ViT: {e}. Check the keys under `model`.") from None
 
