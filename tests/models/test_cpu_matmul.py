@@ -21,7 +21,10 @@ needs_kernel = pytest.mark.skipif(cpu_matmul.unavailable() is not None, reason=s
 
 
 @needs_kernel
-@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (7, 5, 3), (13, 37, 300), (100, 20, 600), (6, 16, 256), (97, 48, 513)])
+# (50, 150, 4700): a small C and a long reduction, the split-k path (8 slices, the last one empty;
+# 150 columns = two blocks of packed B).
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (7, 5, 3), (13, 37, 300), (100, 20, 600), (6, 16, 256), (97, 48, 513),
+                                   (50, 150, 4700)])
 def test_products_and_gradients_match_float64(m, n, k):
   rng = np.random.default_rng(m + n + k)
   fn = jax.jit(lambda a, b, g, ta, tb: jax.vjp(lambda a, b: cpu_matmul.matmul(a, b, ta, tb), a, b)[1](g),

@@ -334,20 +334,36 @@ void pack_b_t(const T* src, long ld, const Gemm& g, u32* dst, u32*) {
 }
 
 // C[Mp][Np] (row stride ldc) = A B on full MR-row blocks, the last one shifted up (see above).
+// Named accumulators, not an array: GCC keeps an array of __m256 on the stack (see cpu_matmul.cc).
 inline void micro(const float* a, int k, const float* b, float* c, int ldc) {
-  __m256 acc[MR][2];
-  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  for (int kk = 0; kk < k; ++kk) {
-    __m256 b0 = _mm256_loadu_ps(b + long(kk) * 16), b1 = _mm256_loadu_ps(b + long(kk) * 16 + 8);
-    for (int r = 0; r < MR; ++r) {
-      __m256 av = _mm256_broadcast_ss(a + long(r) * k + kk);
-      acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
-    }
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
+         c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  const float *a0 = a, *a1 = a + k, *a2 = a + 2L * k, *a3 = a + 3L * k, *a4 = a + 4L * k, *a5 = a + 5L * k;
+  for (int kk = 0; kk < k; ++kk, b += 16) {
+    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+    __m256 av = _mm256_broadcast_ss(a0 + kk);
+    c00 = _mm256_fmadd_ps(av, b0, c00);
+    c01 = _mm256_fmadd_ps(av, b1, c01);
+    av = _mm256_broadcast_ss(a1 + kk);
+    c10 = _mm256_fmadd_ps(av, b0, c10);
+    c11 = _mm256_fmadd_ps(av, b1, c11);
+    av = _mm256_broadcast_ss(a2 + kk);
+    c20 = _mm256_fmadd_ps(av, b0, c20);
+    c21 = _mm256_fmadd_ps(av, b1, c21);
+    av = _mm256_broadcast_ss(a3 + kk);
+    c30 = _mm256_fmadd_ps(av, b0, c30);
+    c31 = _mm256_fmadd_ps(av, b1, c31);
+    av = _mm256_broadcast_ss(a4 + kk);
+    c40 = _mm256_fmadd_ps(av, b0, c40);
+    c41 = _mm256_fmadd_ps(av, b1, c41);
+    av = _mm256_broadcast_ss(a5 + kk);
+    c50 = _mm256_fmadd_ps(av, b0, c50);
+    c51 = _mm256_fmadd_ps(av, b1, c51);
   }
+  const __m256 rows[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
   for (int r = 0; r < MR; ++r) {
-    _mm256_storeu_ps(c + long(r) * ldc, acc[r][0]);
-    _mm256_storeu_ps(c + long(r) * ldc + 8, acc[r][1]);
+    _mm256_storeu_ps(c + long(r) * ldc, rows[r][0]);
+    _mm256_storeu_ps(c + long(r) * ldc + 8, rows[r][1]);
   }
 }
 

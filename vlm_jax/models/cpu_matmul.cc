@@ -8,7 +8,9 @@
 // step the kernel is about 4% faster (BENCHMARKS.md, session 8). It is a GotoBLAS-style blocked
 // product: B is packed once per call into 16-column panels of KC rows (a panel stays in L1), each
 // task packs an MC x KC block of A (in L2) into 6-row micro-panels, and a 6 x 16 micro-kernel keeps
-// its tile of C in 12 ymm registers.
+// its tile of C in 12 ymm registers. Weight gradients (x^T dy: a small C, the tokens as the
+// reduction) split the reduction instead (`matmul_split_k`): 104-126 -> 120-162 GFLOP/s on
+// ViT-Ti's, +7% on its train step (BENCHMARKS.md, session 11).
 //
 // Two more targets run a transformer MLP's GELU inside the product, on each block of C while it is
 // still in cache, instead of in separate passes over the [tokens, hidden] activations:
@@ -221,6 +223,70 @@ thread_local Scratch scratch;
 
 inline long round_up(long x, long m) { return (x + m - 1) / m * m; }
 
+constexpr int SLICES = 8;  // reduction slices of a split-k product (a constant: results must not depend
+                           // on the thread count)
+
+// Split-k, for a small C and a long reduction (a weight gradient x^T dy: C is [in, out], k the
+// tokens). The blocked path below would pack all of B (k x n) up front and then stream it once per
+// row block of C; here each task takes one slice of the reduction, packs its chunks of A and B
+// while they are used (so each input is read from memory once), and accumulates into its own
+// partial C. The partials are then summed in slice order, each row block by one task.
+void matmul_split_k(const Operand& a, const Operand& b, float* c, long m, long n, long k, ffi::ThreadPool& pool,
+                    const Epilogue& epilogue) {
+  const long np = round_up(n, NR), mp = round_up(m, MR);
+  const long chunks = (k + KC - 1) / KC;
+  const int slices = int(std::min<long>(SLICES, chunks));
+  const long per_slice = (chunks + slices - 1) / slices;
+  const long nc = std::min<long>(np, 128);  // columns of B packed at a time: KC x nc floats (128 KiB) in L2
+  std::vector<float> partial(size_t(slices - 1) * m * n);  // slice 0 accumulates in C itself
+  vlm_jax::run_tasks(pool, slices, [&](int s) {
+    float* out = s == 0 ? c : partial.data() + size_t(s - 1) * m * n;
+    Scratch& buf = scratch;
+    if (buf.a.size() < size_t(mp * KC)) buf.a.resize(mp * KC);
+    if (buf.b.size() < size_t(nc * KC)) buf.b.resize(nc * KC);
+    const long ch0 = s * per_slice, ch1 = std::min(chunks, ch0 + per_slice);
+    if (ch0 >= ch1) {
+      std::memset(out, 0, sizeof(float) * m * n);
+      return;
+    }
+    for (long ch = ch0; ch < ch1; ++ch) {
+      const long k0 = ch * KC;
+      const int kc = int(std::min<long>(KC, k - k0));
+      pack_a(a, 0, int(m), k0, kc, buf.a.data());
+      for (long j0 = 0; j0 < n; j0 += nc) {
+        const long cols_here = std::min(nc, n - j0);
+        Operand bj{b.t ? b.p + j0 * b.ld : b.p + j0, b.ld, b.t};
+        pack_b(bj, k0, kc, cols_here, buf.b.data());
+        for (long j = 0; j < cols_here; j += NR) {
+          const float* panel = buf.b.data() + j * kc;
+          const int cols = int(std::min<long>(NR, cols_here - j));
+          for (long p = 0; p < m; p += MR) {
+            float* tile = out + p * n + j0 + j;
+            if (m - p >= MR && cols == NR)
+              micro(buf.a.data() + p * kc, panel, kc, tile, n, ch > ch0);
+            else
+              micro_edge(buf.a.data() + p * kc, panel, kc, tile, n, int(std::min<long>(MR, m - p)), cols, ch > ch0);
+          }
+        }
+      }
+    }
+  });
+  const long rows_per_task = std::max<long>(8, (m + 4 * SLICES - 1) / (4 * SLICES));
+  const int tasks = int((m + rows_per_task - 1) / rows_per_task);
+  vlm_jax::run_tasks(pool, tasks, [&](int t) {
+    const long i0 = t * rows_per_task, rows = std::min(rows_per_task, m - i0);
+    float* dst = c + i0 * n;
+    for (int s = 1; s < slices; ++s) {
+      const float* src = partial.data() + size_t(s - 1) * m * n + i0 * n;
+      long e = 0;
+      for (; e + 8 <= rows * n; e += 8)
+        _mm256_storeu_ps(dst + e, _mm256_add_ps(_mm256_loadu_ps(dst + e), _mm256_loadu_ps(src + e)));
+      for (; e < rows * n; ++e) dst[e] += src[e];
+    }
+    if (epilogue.kind != Epilogue::kNone) apply_epilogue(epilogue, c, n, i0, int(rows), 0, n);
+  });
+}
+
 // C[m, n] = op(A) op(B) with reduction length k. B is packed once (tasks over its KC chunks);
 // then tasks over blocks of mc rows x nc columns of C pack their rows of A per chunk and run the
 // micro-kernel over them, the B panel in the inner loop (so it stays in L1 across the block's rows).
@@ -230,6 +296,10 @@ void matmul(const Operand& a, const Operand& b, float* c, long m, long n, long k
   if (k == 0) {  // an empty sum: C = 0, then the epilogue
     std::memset(c, 0, sizeof(float) * m * n);
     if (epilogue.kind != Epilogue::kNone) apply_epilogue(epilogue, c, n, 0, int(m), 0, n);
+    return;
+  }
+  if (m <= 1024 && n <= 1024 && k >= 4 * std::max(m, n) && k >= 2L * SLICES * KC) {
+    matmul_split_k(a, b, c, m, n, k, pool, epilogue);
     return;
   }
   const long np = round_up(n, NR);
