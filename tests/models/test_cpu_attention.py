@@ -43,6 +43,8 @@ def _xla_attention(q, k, v, causal, precision):
     (3, 9, 41, 2, 6, False, jnp.float32),    # cross-attention, odd lengths, head_dim not a multiple of 16
     (2, 50, 50, 4, 32, False, jnp.float32),  # several micro-kernel rows and column panels
     (2, 13, 13, 2, 8, True, jnp.bfloat16),   # bf16 activations
+    (2, 1, 20, 2, 16, False, jnp.float32),   # one query (a class-token-only last block), keys read in place
+    (2, 5, 23, 2, 32, False, jnp.float32),   # fewer queries than a micro-kernel block: packed
 ])
 def test_kernel_matches_xla_attention(b, tq, tk, h, d, causal, dtype, precision):
   rng = np.random.default_rng(0)

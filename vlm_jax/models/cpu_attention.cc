@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_tasks.h"
@@ -47,6 +48,18 @@ inline void store(u16* p, float x) { *p = u16(bf16_bits(x)); }
 
 // Row i of the logits sees keys [0, len): all of them, or up to itself under the causal mask.
 inline int keys_seen(int i, int tk, bool causal) { return causal ? std::min(i + 1, tk) : tk; }
+
+// Per-thread scratch, reused across tasks and calls.
+struct Scratch {
+  std::vector<u32> a, b, tmp;
+  std::vector<float> s, t, c;
+  template <typename V>
+  static typename V::value_type* get(V& v, size_t n) {
+    if (v.size() < n) v.resize(n);
+    return v.data();
+  }
+};
+thread_local Scratch scratch;
 
 #if defined(VLM_ATTENTION_BF16)
 // =============================================================================================
@@ -188,6 +201,22 @@ void gemm(const Gemm& g, const u32* a, const u32* b, float* c) {
         micro<1>(a + long(ms) * g.k2, g.k2, panel, c + long(ms) * g.np + n0, g.np);
     }
   }
+}
+
+// C = op(A) op(B) for a Gemm g: A [m, k] is read from `a` (row stride lda) or, when `a_t`, is the
+// transpose of a [k, m] source; likewise B [k, n] from `b`. `b_wide`: b's rows may be read up to
+// np columns (the f32 build's in-place panels use it). Here both operands are packed to bf16.
+template <typename TA, typename TB>
+void product(const Gemm& g, const TA* a, long lda, bool a_t, const TB* b, long ldb, bool b_t, bool b_wide,
+             float* c) {
+  (void)b_wide;
+  Scratch& sc = scratch;
+  u32* tmp = Scratch::get(sc.tmp, size_t(std::max(g.m, g.n) + 1) * (g.k2 + 1));
+  u32* pa = Scratch::get(sc.a, size_t(g.mp) * g.k2);
+  u32* pb = Scratch::get(sc.b, size_t(g.np) * g.k2);
+  if (a_t) pack_a_t(a, lda, g, pa, tmp); else pack_a(a, lda, g, pa);
+  if (b_t) pack_b_t(b, ldb, g, pb, tmp); else pack_b(b, ldb, g, pb);
+  gemm(g, pa, pb, c);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -333,13 +362,14 @@ void pack_b_t(const T* src, long ld, const Gemm& g, u32* dst, u32*) {
   }
 }
 
-// C[Mp][Np] (row stride ldc) = A B on full MR-row blocks, the last one shifted up (see above).
+// C[Mp][Np] (row stride ldc) = A B on full MR-row blocks, the last one shifted up (see above); A's
+// row r at a + r * lda, row kk of B's 16-column panel at b + kk * ldb.
 // Named accumulators, not an array: GCC keeps an array of __m256 on the stack (see cpu_matmul.cc).
-inline void micro(const float* a, int k, const float* b, float* c, int ldc) {
+inline void micro(const float* a, long lda, int k, const float* b, long ldb, float* c, int ldc) {
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
          c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  const float *a0 = a, *a1 = a + k, *a2 = a + 2L * k, *a3 = a + 3L * k, *a4 = a + 4L * k, *a5 = a + 5L * k;
-  for (int kk = 0; kk < k; ++kk, b += 16) {
+  const float *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda, *a4 = a + 4 * lda, *a5 = a + 5 * lda;
+  for (int kk = 0; kk < k; ++kk, b += ldb) {
     const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
     __m256 av = _mm256_broadcast_ss(a0 + kk);
     c00 = _mm256_fmadd_ps(av, b0, c00);
@@ -367,14 +397,46 @@ inline void micro(const float* a, int k, const float* b, float* c, int ldc) {
   }
 }
 
-void gemm(const Gemm& g, const u32* a, const u32* b, float* c) {
+// A B with A's rows at a (row stride lda) and B's 16-column panels either packed (at b + n0 * k,
+// row stride 16) or in place in a row-major B (at b + n0, row stride ldb).
+void gemm(const Gemm& g, const float* a, long lda, const float* b, long ldb, bool packed_b, float* c) {
   for (int n0 = 0; n0 < g.np; n0 += 16) {
-    const float* panel = floats(b) + long(n0) * g.k;
+    const float* panel = packed_b ? b + long(n0) * g.k : b + n0;
     for (int m0 = 0; m0 < g.mp; m0 += MR) {
       int ms = std::min(m0, g.mp - MR);
-      micro(floats(a) + long(ms) * g.k, g.k, panel, c + long(ms) * g.np + n0, g.np);
+      micro(a + ms * lda, lda, g.k, panel, packed_b ? 16 : ldb, c + long(ms) * g.np + n0, g.np);
     }
   }
+}
+
+// C = op(A) op(B), as in the bf16 build. f32 operands are read in place where they can be: A's rows
+// when A is not transposed and has at least MR rows (so no block is shifted past its end), B's
+// panels when B is not transposed and its rows can be read to np columns (`b_wide`: a scratch
+// row of np floats, or n a multiple of 16). Packing the rest costs a copy per call; in place, the
+// forward on ViT-Ti's shapes skips copying q and the probabilities.
+template <typename TA, typename TB>
+void product(const Gemm& g, const TA* a, long lda, bool a_t, const TB* b, long ldb, bool b_t, bool b_wide,
+             float* c) {
+  Scratch& sc = scratch;
+  const float* pa = nullptr;
+  const float* pb = nullptr;
+  if constexpr (std::is_same<TA, float>::value)
+    if (!a_t && g.m >= MR) pa = a;
+  if constexpr (std::is_same<TB, float>::value)
+    if (!b_t && (b_wide || g.n % 16 == 0)) pb = b;
+  if (!pa) {
+    u32* buf = Scratch::get(sc.a, size_t(g.mp) * g.k2);
+    if (a_t) pack_a_t(a, lda, g, buf, nullptr); else pack_a(a, lda, g, buf);
+    pa = floats(buf);
+    lda = g.k;
+  }
+  const bool packed_b = pb == nullptr;
+  if (packed_b) {
+    u32* buf = Scratch::get(sc.b, size_t(g.np) * g.k2);
+    if (b_t) pack_b_t(b, ldb, g, buf, nullptr); else pack_b(b, ldb, g, buf);
+    pb = floats(buf);
+  }
+  gemm(g, pa, lda, pb, ldb, packed_b, c);
 }
 
 // exp on 8 floats, as exp16 above; 2^n is built in the exponent bits, so x is clamped to
@@ -463,18 +525,6 @@ Dims dims_of(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k) {
   return Dims{int(dq[0]), int(dq[1]), int(dk[1]), int(dq[2]), int(dq[3])};
 }
 
-// Per-thread scratch, reused across tasks and calls.
-struct Scratch {
-  std::vector<u32> a, b, tmp;
-  std::vector<float> s, t, c;
-  template <typename V>
-  static typename V::value_type* get(V& v, size_t n) {
-    if (v.size() < n) v.resize(n);
-    return v.data();
-  }
-};
-thread_local Scratch scratch;
-
 // ---------------------------------------------------------------------------------------------
 // Forward: out = softmax(q k^T * scale [causal]) v, lse = the softmax's log-normaliser.
 
@@ -489,21 +539,13 @@ void forward(const Dims& dm, const T* q, const T* k, const T* v, T* out, float* 
     const T* vb = v + long(bi) * dm.tk * ld + long(hi) * dm.d;
     Scratch& sc = scratch;
     Gemm g1(dm.tq, dm.tk, dm.d);  // logits = q k^T
-    u32* a = Scratch::get(sc.a, size_t(g1.mp) * g1.k2);
-    u32* b = Scratch::get(sc.b, size_t(g1.np) * g1.k2);
     float* s = Scratch::get(sc.s, size_t(g1.mp) * g1.np);
-    pack_a(qb, ld, g1, a);
-    pack_b_t(kb, ld, g1, b, Scratch::get(sc.tmp, size_t(g1.n) * g1.k2));
-    gemm(g1, a, b, s);
+    product(g1, qb, ld, false, kb, ld, true, false, s);
     float* lrow = lse + long(task) * dm.tq;
     for (int i = 0; i < dm.tq; ++i) lrow[i] = softmax_row(s + long(i) * g1.np, g1.np, keys_seen(i, dm.tk, causal), scale);
     Gemm g2(dm.tq, dm.d, dm.tk);  // out = p v
-    a = Scratch::get(sc.a, size_t(g2.mp) * g2.k2);
-    b = Scratch::get(sc.b, size_t(g2.np) * g2.k2);
     float* c = Scratch::get(sc.c, size_t(g2.mp) * g2.np);
-    pack_a(s, g1.np, g2, a);
-    pack_b(vb, ld, g2, b);
-    gemm(g2, a, b, c);
+    product(g2, static_cast<const float*>(s), g1.np, false, vb, ld, false, false, c);
     T* ob = out + long(bi) * dm.tq * ld + long(hi) * dm.d;
     for (int i = 0; i < dm.tq; ++i)
       for (int j = 0; j < dm.d; ++j) store(ob + i * ld + j, c[long(i) * g2.np + j]);
@@ -526,43 +568,28 @@ void backward(const Dims& dm, const T* q, const T* k, const T* v, const float* l
     Scratch& sc = scratch;
     Gemm gs(dm.tq, dm.tk, dm.d);  // logits and dp: [tq, tk], contraction over d
     const int np = gs.np;
-    u32* a = Scratch::get(sc.a, size_t(gs.mp) * gs.k2);
-    u32* b = Scratch::get(sc.b, size_t(gs.np) * gs.k2);
     float* p = Scratch::get(sc.s, size_t(gs.mp) * np);
     float* ds = Scratch::get(sc.t, size_t(gs.mp) * np);
-    pack_a(qb, ld, gs, a);
-    // pack_b_t's [tk][k2(d)] and pack_a_t's [k2(tq)][d]
-    u32* tmp = Scratch::get(sc.tmp, size_t(std::max(dm.tk, dm.d)) * std::max(gs.k2, Gemm(dm.d, dm.tk, dm.tq).k2 + 1));
-    pack_b_t(kb, ld, gs, b, tmp);
-    gemm(gs, a, b, p);
+    product(gs, qb, ld, false, kb, ld, true, false, p);
     const float* lrow = lse + long(task) * dm.tq;
     for (int i = 0; i < dm.tq; ++i) probs_row(p + long(i) * np, np, keys_seen(i, dm.tk, causal), scale, lrow[i]);
-    pack_a(gb, ld, gs, a);
-    pack_b_t(vb, ld, gs, b, tmp);
-    gemm(gs, a, b, ds);  // dp
+    product(gs, gb, ld, false, vb, ld, true, false, ds);  // dp
     for (int i = 0; i < dm.tq; ++i) softmax_grad_row(p + long(i) * np, ds + long(i) * np, np, scale);
     // dq = ds k: [tq, d], contraction over tk.
     Gemm gq(dm.tq, dm.d, dm.tk);
-    a = Scratch::get(sc.a, size_t(gq.mp) * gq.k2);
-    b = Scratch::get(sc.b, size_t(gq.np) * gq.k2);
     float* c = Scratch::get(sc.c, size_t(gq.mp) * gq.np);
-    pack_a(ds, np, gq, a);
-    pack_b(kb, ld, gq, b);
-    gemm(gq, a, b, c);
+    product(gq, static_cast<const float*>(ds), np, false, kb, ld, false, false, c);
     T* dqb = dq + qoff;
     for (int i = 0; i < dm.tq; ++i)
       for (int j = 0; j < dm.d; ++j) store(dqb + i * ld + j, c[long(i) * gq.np + j]);
     // dk^T = q^T ds and dv^T = dout^T p: [d, tk], contraction over tq.
     Gemm gk(dm.d, dm.tk, dm.tq);
-    a = Scratch::get(sc.a, size_t(gk.mp) * gk.k2);
-    b = Scratch::get(sc.b, size_t(gk.np) * gk.k2);
     c = Scratch::get(sc.c, size_t(gk.mp) * gk.np);
     T* dkb = dk + koff;
     T* dvb = dv + koff;
     for (int which = 0; which < 2; ++which) {
-      pack_a_t(which == 0 ? qb : gb, ld, gk, a, tmp);
-      pack_b(which == 0 ? ds : p, np, gk, b);
-      gemm(gk, a, b, c);
+      // ds and p are scratch rows of np floats (zero past the keys), so B's panels read in place.
+      product(gk, which == 0 ? qb : gb, ld, true, static_cast<const float*>(which == 0 ? ds : p), np, false, true, c);
       T* dst = which == 0 ? dkb : dvb;
       for (int j = 0; j < dm.tk; ++j)
         for (int e = 0; e < dm.d; ++e) store(dst + j * ld + e, c[long(e) * gk.np + j]);
