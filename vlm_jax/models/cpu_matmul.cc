@@ -97,30 +97,33 @@ void pack_b(const Operand& b, long k0, int kc, long n, float* dst) {
 }
 
 // The MR x NR tile at c (row stride ldc) = (its old value if `add`) + a b over kc, where a is one
-// packed micro-panel of A and b one packed panel of B.
+// micro-panel of A (row r, reduction step k at a[r * rs + k * KS]: packed, KS = MR and rs = 1, or
+// six rows of a row-major A read in place, KS = 1 and rs its row stride) and b one packed panel of B.
 // The 12 accumulators are named variables, not an array: GCC keeps an array of __m256 on the stack
 // and stores it back on every step of the k loop, which halves the kernel's speed.
-void micro(const float* a, const float* b, int kc, float* c, long ldc, bool add) {
+template <int KS>
+void micro(const float* a, long rs, const float* b, int kc, float* c, long ldc, bool add) {
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
          c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  for (int k = 0; k < kc; ++k, a += MR, b += NR) {
+  const float *a0 = a, *a1 = a + rs, *a2 = a + 2 * rs, *a3 = a + 3 * rs, *a4 = a + 4 * rs, *a5 = a + 5 * rs;
+  for (int k = 0; k < kc; ++k, b += NR) {
     const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
-    __m256 av = _mm256_broadcast_ss(a);
+    __m256 av = _mm256_broadcast_ss(a0 + k * KS);
     c00 = _mm256_fmadd_ps(av, b0, c00);
     c01 = _mm256_fmadd_ps(av, b1, c01);
-    av = _mm256_broadcast_ss(a + 1);
+    av = _mm256_broadcast_ss(a1 + k * KS);
     c10 = _mm256_fmadd_ps(av, b0, c10);
     c11 = _mm256_fmadd_ps(av, b1, c11);
-    av = _mm256_broadcast_ss(a + 2);
+    av = _mm256_broadcast_ss(a2 + k * KS);
     c20 = _mm256_fmadd_ps(av, b0, c20);
     c21 = _mm256_fmadd_ps(av, b1, c21);
-    av = _mm256_broadcast_ss(a + 3);
+    av = _mm256_broadcast_ss(a3 + k * KS);
     c30 = _mm256_fmadd_ps(av, b0, c30);
     c31 = _mm256_fmadd_ps(av, b1, c31);
-    av = _mm256_broadcast_ss(a + 4);
+    av = _mm256_broadcast_ss(a4 + k * KS);
     c40 = _mm256_fmadd_ps(av, b0, c40);
     c41 = _mm256_fmadd_ps(av, b1, c41);
-    av = _mm256_broadcast_ss(a + 5);
+    av = _mm256_broadcast_ss(a5 + k * KS);
     c50 = _mm256_fmadd_ps(av, b0, c50);
     c51 = _mm256_fmadd_ps(av, b1, c51);
   }
@@ -137,11 +140,12 @@ void micro(const float* a, const float* b, int kc, float* c, long ldc, bool add)
 }
 
 // micro() on a tile of which only `rows` x `cols` lie inside C: through a full-size copy.
-void micro_edge(const float* a, const float* b, int kc, float* c, long ldc, int rows, int cols, bool add) {
+template <int KS>
+void micro_edge(const float* a, long rs, const float* b, int kc, float* c, long ldc, int rows, int cols, bool add) {
   float tile[MR * NR] = {};
   if (add)
     for (int r = 0; r < rows; ++r) std::memcpy(tile + r * NR, c + r * ldc, sizeof(float) * cols);
-  micro(a, b, kc, tile, NR, add);
+  micro<KS>(a, rs, b, kc, tile, NR, add);
   for (int r = 0; r < rows; ++r) std::memcpy(c + r * ldc, tile + r * NR, sizeof(float) * cols);
 }
 
@@ -263,9 +267,10 @@ void matmul_split_k(const Operand& a, const Operand& b, float* c, long m, long n
           for (long p = 0; p < m; p += MR) {
             float* tile = out + p * n + j0 + j;
             if (m - p >= MR && cols == NR)
-              micro(buf.a.data() + p * kc, panel, kc, tile, n, ch > ch0);
+              micro<MR>(buf.a.data() + p * kc, 1, panel, kc, tile, n, ch > ch0);
             else
-              micro_edge(buf.a.data() + p * kc, panel, kc, tile, n, int(std::min<long>(MR, m - p)), cols, ch > ch0);
+              micro_edge<MR>(buf.a.data() + p * kc, 1, panel, kc, tile, n, int(std::min<long>(MR, m - p)), cols,
+                             ch > ch0);
           }
         }
       }
@@ -326,20 +331,31 @@ void matmul(const Operand& a, const Operand& b, float* c, long m, long n, long k
     long j1 = std::min(j0 + nc, n);
     std::vector<float>& ap = scratch.a;
     if (ap.size() < size_t(round_up(mc, MR) * KC)) ap.resize(round_up(mc, MR) * KC);
+    // A row-major A's whole 6-row micro-panels are read in place (packing them cost ~8% of a
+    // product with 192 output columns); a transposed A, and a block's last partial micro-panel, are packed.
+    const int in_place = a.t ? 0 : rows / MR * MR;
     for (int ch = 0; ch < chunks; ++ch) {
       long k0 = long(ch) * KC;
       int kc = int(std::min<long>(KC, k - k0));
-      pack_a(a, i0, rows, k0, kc, ap.data());
+      if (rows > in_place) pack_a(a, i0 + in_place, rows - in_place, k0, kc, ap.data());
       for (long j = j0; j < j1; j += NR) {
         const float* panel = bpacked + k0 * np + j * kc;
         int cols = int(std::min<long>(NR, n - j));
         for (int p = 0; p < rows; p += MR) {
-          const float* apanel = ap.data() + long(p) * kc;
           float* tile = c + (i0 + p) * n + j;
+          if (p < in_place) {
+            const float* arows = a.p + (i0 + p) * a.ld + k0;
+            if (cols == NR)
+              micro<1>(arows, a.ld, panel, kc, tile, n, ch > 0);
+            else
+              micro_edge<1>(arows, a.ld, panel, kc, tile, n, MR, cols, ch > 0);
+            continue;
+          }
+          const float* apanel = ap.data() + long(p - in_place) * kc;
           if (rows - p >= MR && cols == NR)
-            micro(apanel, panel, kc, tile, n, ch > 0);
+            micro<MR>(apanel, 1, panel, kc, tile, n, ch > 0);
           else
-            micro_edge(apanel, panel, kc, tile, n, std::min(MR, rows - p), cols, ch > 0);
+            micro_edge<MR>(apanel, 1, panel, kc, tile, n, std::min(MR, rows - p), cols, ch > 0);
         }
       }
     }
