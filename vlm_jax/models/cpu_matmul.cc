@@ -7,8 +7,8 @@
 // operands cost copies. Alone, this kernel and XLA's dot both reach 110-150 on those shapes; in the
 // step the kernel is about 4% faster (BENCHMARKS.md, session 8). It is a GotoBLAS-style blocked
 // product: B is packed once per call into 16-column panels of KC rows (a panel stays in L1), each
-// task packs an MC x KC block of A (in L2) into 6-row micro-panels, and a 6 x 16 micro-kernel keeps
-// its tile of C in 12 ymm registers. Weight gradients (x^T dy: a small C, the tokens as the
+// task takes an MC x KC block of A (in L2) in 6-row micro-panels (read in place from a row-major A,
+// packed from a transposed one), and a 6 x 16 micro-kernel keeps its tile of C in 12 ymm registers. Weight gradients (x^T dy: a small C, the tokens as the
 // reduction) split the reduction instead (`matmul_split_k`): 104-126 -> 120-162 GFLOP/s on
 // ViT-Ti's, +7% on its train step (BENCHMARKS.md, session 11).
 //
@@ -293,8 +293,8 @@ void matmul_split_k(const Operand& a, const Operand& b, float* c, long m, long n
 }
 
 // C[m, n] = op(A) op(B) with reduction length k. B is packed once (tasks over its KC chunks);
-// then tasks over blocks of mc rows x nc columns of C pack their rows of A per chunk and run the
-// micro-kernel over them, the B panel in the inner loop (so it stays in L1 across the block's rows).
+// then tasks over blocks of mc rows x nc columns of C take their rows of A per chunk (in place, or
+// packed when A is transposed) and run the micro-kernel over them, the B panel in the inner loop (so it stays in L1 across the block's rows).
 void matmul(const Operand& a, const Operand& b, float* c, long m, long n, long k, ffi::ThreadPool& pool,
             const Epilogue& epilogue = {}) {
   if (m == 0 || n == 0) return;
