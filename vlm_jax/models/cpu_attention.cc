@@ -24,6 +24,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_micro.h"
 #include "cpu_tasks.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -362,41 +363,6 @@ void pack_b_t(const T* src, long ld, const Gemm& g, u32* dst, u32*) {
   }
 }
 
-// C[Mp][Np] (row stride ldc) = A B on full MR-row blocks, the last one shifted up (see above); A's
-// row r at a + r * lda, row kk of B's 16-column panel at b + kk * ldb.
-// Named accumulators, not an array: GCC keeps an array of __m256 on the stack (see cpu_matmul.cc).
-inline void micro(const float* a, long lda, int k, const float* b, long ldb, float* c, int ldc) {
-  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
-         c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  const float *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda, *a4 = a + 4 * lda, *a5 = a + 5 * lda;
-  for (int kk = 0; kk < k; ++kk, b += ldb) {
-    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
-    __m256 av = _mm256_broadcast_ss(a0 + kk);
-    c00 = _mm256_fmadd_ps(av, b0, c00);
-    c01 = _mm256_fmadd_ps(av, b1, c01);
-    av = _mm256_broadcast_ss(a1 + kk);
-    c10 = _mm256_fmadd_ps(av, b0, c10);
-    c11 = _mm256_fmadd_ps(av, b1, c11);
-    av = _mm256_broadcast_ss(a2 + kk);
-    c20 = _mm256_fmadd_ps(av, b0, c20);
-    c21 = _mm256_fmadd_ps(av, b1, c21);
-    av = _mm256_broadcast_ss(a3 + kk);
-    c30 = _mm256_fmadd_ps(av, b0, c30);
-    c31 = _mm256_fmadd_ps(av, b1, c31);
-    av = _mm256_broadcast_ss(a4 + kk);
-    c40 = _mm256_fmadd_ps(av, b0, c40);
-    c41 = _mm256_fmadd_ps(av, b1, c41);
-    av = _mm256_broadcast_ss(a5 + kk);
-    c50 = _mm256_fmadd_ps(av, b0, c50);
-    c51 = _mm256_fmadd_ps(av, b1, c51);
-  }
-  const __m256 rows[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
-  for (int r = 0; r < MR; ++r) {
-    _mm256_storeu_ps(c + long(r) * ldc, rows[r][0]);
-    _mm256_storeu_ps(c + long(r) * ldc + 8, rows[r][1]);
-  }
-}
-
 // A B with A's rows at a (row stride lda) and B's 16-column panels either packed (at b + n0 * k,
 // row stride 16) or in place in a row-major B (at b + n0, row stride ldb).
 void gemm(const Gemm& g, const float* a, long lda, const float* b, long ldb, bool packed_b, float* c) {
@@ -404,7 +370,9 @@ void gemm(const Gemm& g, const float* a, long lda, const float* b, long ldb, boo
     const float* panel = packed_b ? b + long(n0) * g.k : b + n0;
     for (int m0 = 0; m0 < g.mp; m0 += MR) {
       int ms = std::min(m0, g.mp - MR);
-      micro(a + ms * lda, lda, g.k, panel, packed_b ? 16 : ldb, c + long(ms) * g.np + n0, g.np);
+      // rows ms..ms+5, the last block shifted up to end at row Mp (see above)
+      vlm_jax::micro_6x16<1>(a + ms * lda, lda, panel, packed_b ? 16 : ldb, g.k, c + long(ms) * g.np + n0, g.np,
+                             false);
     }
   }
 }

@@ -83,7 +83,7 @@ def _build(name: str) -> str:
   b = KERNELS[name]
   source = _HERE / b.source
   flags = [*_COMMON, *b.flags, f"-I{_HERE}", f"-I{jax.ffi.include_dir()}"]
-  digest = hashlib.sha256(source.read_bytes() + (_HERE / "cpu_tasks.h").read_bytes())
+  digest = hashlib.sha256(source.read_bytes() + b"".join(h.read_bytes() for h in sorted(_HERE.glob("*.h"))))
   digest.update(" ".join(b.flags).encode() + jaxlib.__version__.encode())
   cache = Path(os.environ.get("VLM_JAX_CACHE", "~/.cache/vlm_jax")).expanduser()
   lib = cache / f"{source.stem}_{digest.hexdigest()[:16]}.so"
