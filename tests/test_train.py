@@ -72,6 +72,30 @@ def test_checkpoint_resume_reproduces_uninterrupted_run(pre, tiny_config, tmp_pa
   assert vlog.read_metrics(str(cut), clock=False) == vlog.read_metrics(str(full), clock=False)
 
 
+def test_resume_onto_another_mesh_continues_the_run(pre, tiny_config, tmp_path):
+  """A run checkpointed on a data-parallel mesh resumes under FSDP x tensor parallelism (a preempted
+  job restarted on a differently shaped slice): Orbax reshards the state onto the new mesh, and the
+  steps after the checkpoint match the uninterrupted run."""
+  cfg = _short(tiny_config)
+  assert config.parse_mesh(cfg.mesh) != {"data": 2, "fsdp": 2, "tensor": 2}
+  cut = tmp_path / "cut"
+  shutil.copytree(pre, cut)
+  shutil.rmtree(cut / "checkpoints" / "4")
+  cfg.mesh = "data=2,fsdp=2,tensor=2"
+  train.train(cfg, str(cut))
+  s = train.build(cfg)
+  ckpt = checkpoint.Checkpointer(str(cut / "checkpoints"))
+  with s.context():
+    state = ckpt.restore(4, s.abstract_state)
+  ckpt.close()
+  largest = max(jax.tree.leaves(state.params), key=lambda x: x.size)
+  assert largest.sharding.mesh.shape == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert not largest.sharding.is_fully_replicated, largest.sharding
+  losses = [{r["step"]: r["train/loss"] for r in vlog.read_metrics(str(wd)) if "train/loss" in r} for wd in (pre, cut)]
+  assert sorted(losses[1]) == [3, 4]
+  np.testing.assert_allclose([losses[1][k] for k in (3, 4)], [losses[0][k] for k in (3, 4)], atol=1e-5, rtol=0)
+
+
 def test_checkpoint_of_another_model_is_refused_and_kept(pre, tiny_config, tmp_path):
   cfg = _short(tiny_config)
   wd = tmp_path / "run"
