@@ -15,6 +15,7 @@ failed save (disk full, permissions) becomes one error naming the step and the s
 
 import errno
 import json
+import logging
 import os
 import sys
 
@@ -83,6 +84,7 @@ class Checkpointer:
         raise
       except Exception as e:  # damaged or missing files: Orbax/TensorStore raise many types
         failed.append(step)
+        _quiet_abandoned_reads()
         _warn(f"checkpoint {self.directory}/{step} cannot be restored ({_reason(e)}); trying an older step.")
         continue
       if failed:
@@ -185,12 +187,47 @@ class _SaveFailure:
 
 
 def _reason(e: Exception) -> str:
-  """A short cause: 'no space left on device' for any form of ENOSPC, else the first line."""
-  text = str(e)
-  if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in text:
+  """A short cause: 'no space left on device' for any form of ENOSPC, else the first line of the
+  innermost cause (Orbax wraps TensorStore's error, which names the file, in one that dumps the
+  whole TensorStore spec)."""
+  chain = [e]
+  while chain[-1].__cause__ is not None and len(chain) < 16:
+    chain.append(chain[-1].__cause__)
+  if any(getattr(x, "errno", None) == errno.ENOSPC or "No space left on device" in str(x) for x in chain):
     return "no space left on device"
-  first = text.strip().splitlines()[0] if text.strip() else ""
-  return f"{type(e).__name__}: {first[:200]}"
+  root = chain[-1]
+  text = str(root).strip()
+  first = text.splitlines()[0] if text else ""
+  for tail in (". See full TensorStore details", " [tensorstore_spec="):
+    first = first.split(tail)[0]
+  return f"{type(root).__name__}: {first[:300]}"
+
+
+_ABANDONED = ("reading array index", "OCDBT database", "Event loop is closed")
+
+
+def _quiet_abandoned_reads() -> None:
+  """Silences the echoes of a restore that failed. Orbax stops at the first unreadable array; its
+  other reads of that step finish in the background and report their errors later, from other
+  threads and at garbage collection: as unraisable exceptions (never-awaited read coroutines,
+  'Event loop is closed') and as asyncio's 'exception was never retrieved' log records. Printed,
+  they are thousands of lines of TensorStore specs after the one-line warning that already names
+  the step and the cause. Only messages of that kind are dropped; the hooks stay for the process."""
+  if getattr(sys.unraisablehook, "_vlm_jax_quiet", False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not any(m in str(unraisable.exc_value) for m in _ABANDONED):
+      previous(unraisable)
+  hook._vlm_jax_quiet = True
+  sys.unraisablehook = hook
+
+  class _Filter(logging.Filter):
+    def filter(self, record):
+      msg = record.getMessage()
+      return not ("exception was never retrieved" in msg and any(m in msg for m in _ABANDONED))
+  logging.getLogger("asyncio").addFilter(_Filter())
 
 
 def _warn(text: str) -> None:
