@@ -1,5 +1,6 @@
 """The trainer: loss falls, exact resume, clear errors (sharding tests: test_parallel.py)."""
 
+import json
 import os
 import shutil
 
@@ -7,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from vlm_jax import checkpoint, config, logging as vlog, parallel, train
+from vlm_jax import checkpoint, config, evaluate, logging as vlog, parallel, train
 from vlm_jax.data import pipeline
 from vlm_jax.errors import UserError
 
@@ -94,6 +95,24 @@ def test_resume_onto_another_mesh_continues_the_run(pre, tiny_config, tmp_path):
   losses = [{r["step"]: r["train/loss"] for r in vlog.read_metrics(str(wd)) if "train/loss" in r} for wd in (pre, cut)]
   assert sorted(losses[1]) == [3, 4]
   np.testing.assert_allclose([losses[1][k] for k in (3, 4)], [losses[0][k] for k in (3, 4)], atol=1e-5, rtol=0)
+
+
+def test_a_run_from_a_bigger_mesh_restores_here_for_evaluation_and_export(pre, tmp_path, capsys):
+  """evaluate / predict / convert_to_hf restore a run with its own config: one trained on more
+  devices than this host has (its mesh recorded as 32-way) is restored onto FSDP over the 8 here,
+  or onto --mesh, with the same values."""
+  wd = tmp_path / "big"
+  shutil.copytree(pre, wd)
+  recorded = json.loads((wd / "config.json").read_text())
+  recorded["mesh"] = "data=4,fsdp=8,tensor=1"
+  (wd / "config.json").write_text(json.dumps(recorded))
+  s, params, step = evaluate.restore_run(str(wd))
+  assert step == 4 and dict(s.mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+  assert "the run's mesh 'data=4,fsdp=8,tensor=1' does not fit the 8 device(s) here" in capsys.readouterr().err
+  _, reference, _ = evaluate.restore_run(str(pre))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, reference)
+  s, _, _ = evaluate.restore_run(str(wd), mesh="data=2,fsdp=2,tensor=2")
+  assert dict(s.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2} and not capsys.readouterr().err
 
 
 def test_checkpoint_of_another_model_is_refused_and_kept(pre, tiny_config, tmp_path):

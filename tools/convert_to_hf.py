@@ -31,13 +31,14 @@ def main(argv=None):
   flags.DEFINE_string("out", None, "The Hugging Face folder to write (must be new or empty).")
   flags.DEFINE_bool("overwrite", False, "Replace the contents of a non-empty --out folder.")
   flags.DEFINE_bool("encoder_only", False, "Classification runs: export the ViT without its head.")
+  flags.DEFINE_string("mesh", None, "Mesh to restore onto (default: the run's where it fits, else FSDP over the devices).")
   flags.DEFINE_bool("debug", False, "Show full tracebacks instead of one-line errors.")
   flags.mark_flags_as_required(["workdir", "out"])
 
   def run():
     config_lib.parse_argv(FLAGS, argv)
     from vlm_jax.hf.export import export_workdir
-    r = export_workdir(FLAGS.workdir, FLAGS.out, FLAGS.step, FLAGS.overwrite, FLAGS.encoder_only)
+    r = export_workdir(FLAGS.workdir, FLAGS.out, FLAGS.step, FLAGS.overwrite, FLAGS.encoder_only, FLAGS.mesh)
     if r["class"]:
       print(f"Wrote {r['class']} (step {r['step']}) to {r['out']}", flush=True)
   sys.exit(run_cli(run, argv))

@@ -1,6 +1,7 @@
-"""python -m vlm_jax.evaluate --workdir DIR [--step N]
+"""python -m vlm_jax.evaluate --workdir DIR [--step N] [--mesh M]
 
-Restores a checkpoint of DIR (the latest, or step N) with the run's own config.json, runs the
+Restores a checkpoint of DIR (the latest, or step N) with the run's own config.json (on the run's
+mesh where this host's devices can form it, else FSDP over them, or on --mesh), runs the
 task's evaluators on `evals.splits`, prints the metrics and appends them to DIR/metrics.jsonl
 under the same names training uses (`test/accuracy`, ...).
 """
@@ -12,7 +13,7 @@ import sys
 import jax
 from absl import flags
 
-from vlm_jax import checkpoint, config as config_lib, logging as vlog, train
+from vlm_jax import checkpoint, config as config_lib, logging as vlog, parallel, train
 from vlm_jax.data.sources import DataInfo
 from vlm_jax.errors import UserError, run_cli
 
@@ -35,17 +36,37 @@ def load_run_config(workdir: str):
   return cfg
 
 
-def restore_run(workdir: str, step=None, edit=None, recorded_data: bool = True):
+FALLBACK_MESH = "data=1,fsdp=-1,tensor=1"
+
+
+def mesh_here(run_mesh: str, mesh: str = None) -> str:
+  """The mesh to restore a run onto: `mesh` if given; else the run's own where this host's devices
+  can form it; else FSDP over all of them. A run trained on a pod slice (say fsdp=256) can so be
+  evaluated, predicted with or exported on a workstation, its parameters split over what is here."""
+  if mesh:
+    return mesh
+  try:
+    parallel.mesh_shape(run_mesh, jax.device_count())
+    return run_mesh
+  except UserError:
+    print(f"note: the run's mesh '{run_mesh}' does not fit the {jax.device_count()} device(s) here; "
+          f"restoring onto '{FALLBACK_MESH}' (choose another with --mesh).", file=sys.stderr, flush=True)
+    return FALLBACK_MESH
+
+
+def restore_run(workdir: str, step=None, edit=None, recorded_data: bool = True, mesh: str = None):
   """(Setup, params, step) of a training workdir at `step` (default: the latest checkpoint).
 
-  The config is the run's own (`load_run_config`), changed by `edit(cfg)` if given; with
-  `recorded_data` the dataset facts come from the workdir's data_info.json, so no dataset is needed.
+  The config is the run's own (`load_run_config`), changed by `edit(cfg)` if given, on `mesh_here`'s
+  mesh; with `recorded_data` the dataset facts come from the workdir's data_info.json, so no
+  dataset is needed.
   """
   workdir = os.path.abspath(os.path.expanduser(workdir))
   cfg = load_run_config(workdir)
-  if edit:
-    with cfg.unlocked():
+  with cfg.unlocked():
+    if edit:
       edit(cfg)
+    cfg.mesh = mesh_here(cfg.mesh, mesh)
   info_path = os.path.join(workdir, "data_info.json")
   info = None
   if recorded_data and os.path.exists(info_path):
@@ -65,12 +86,12 @@ def restore_run(workdir: str, step=None, edit=None, recorded_data: bool = True):
   return s, params, step
 
 
-def evaluate_workdir(workdir: str, step=None, data_dir=None) -> dict:
+def evaluate_workdir(workdir: str, step=None, data_dir=None, mesh=None) -> dict:
   workdir = os.path.abspath(os.path.expanduser(workdir))
 
   def edit(cfg):
     cfg.data_dir = data_dir or cfg.data_dir
-  s, params, step = restore_run(workdir, step, edit, recorded_data=False)
+  s, params, step = restore_run(workdir, step, edit, recorded_data=False, mesh=mesh)
   results = train.evaluate(s, params, step, workdir)
   writer = vlog.MetricsWriter(workdir, enabled=jax.process_index() == 0)
   writer.write(step, results)
@@ -85,12 +106,14 @@ def main(argv=None):
   flags.DEFINE_string("workdir", None, "A training workdir (holds config.json and checkpoints/).")
   flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
   flags.DEFINE_string("data_dir", None, "Override the run's tfds data_dir.")
+  flags.DEFINE_string("mesh", None, "Mesh to evaluate on (default: the run's where it fits, else "
+                      f"{FALLBACK_MESH}).")
   flags.DEFINE_bool("debug", False, "Show full tracebacks instead of one-line errors.")
   flags.mark_flags_as_required(["workdir"])
 
   def run():
     config_lib.parse_argv(FLAGS, argv)
-    evaluate_workdir(FLAGS.workdir, FLAGS.step, FLAGS.data_dir)
+    evaluate_workdir(FLAGS.workdir, FLAGS.step, FLAGS.data_dir, FLAGS.mesh)
   sys.exit(run_cli(run, argv))
 
 

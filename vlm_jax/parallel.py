@@ -53,7 +53,7 @@ def mesh_shape(spec: str, num_devices: int) -> dict:
   total = int(np.prod(list(sizes.values())))
   if total != num_devices:
     raise UserError(f"mesh '{spec}' needs {total} devices but {num_devices} are present. "
-                    f"Use -1 for one axis (e.g. --config.mesh=data=-1,fsdp=1,tensor=1) or matching sizes.")
+                    f"Use -1 for one axis (e.g. data=-1,fsdp=1,tensor=1) or matching sizes.")
   return sizes
 
 

@@ -43,7 +43,7 @@ def load_image(path: str, inp) -> np.ndarray:
   return preprocess.eval_image(tf.constant(data), inp.image_size, inp.mean, inp.std).numpy()
 
 
-def predict(workdir: str, paths: list, question: str = "", step=None) -> list:
+def predict(workdir: str, paths: list, question: str = "", step=None, mesh=None) -> list:
   """Returns [(path, prediction or None, error or None)] in the order of `paths`."""
   def edit(cfg):
     if question:
@@ -51,7 +51,7 @@ def predict(workdir: str, paths: list, question: str = "", step=None) -> list:
         raise UserError(f"--question needs a captioning/VQA run; '{workdir}' trained task '{cfg.task}'.")
       cfg.input.text = "qa"
       cfg.evals.decode_len = cfg.evals.decode_len or 8  # answers are short; keeps prompt + answer in range
-  s, params, step = restore_run(workdir, step, edit)
+  s, params, step = restore_run(workdir, step, edit, mesh=mesh)
   cfg = s.cfg
 
   results, images = [], []
@@ -88,6 +88,7 @@ def main(argv=None):
   flags.DEFINE_multi_string("image", [], "Image file(s); the flag takes several paths after it.")
   flags.DEFINE_string("question", "", "Answer this question about each image (VQA) instead of captioning.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_string("mesh", None, "Mesh to run on (default: the run's where it fits, else FSDP over the devices).")
   flags.DEFINE_bool("debug", False, "Show full tracebacks instead of one-line errors.")
   flags.mark_flags_as_required(["workdir"])
   # `--image a.jpg b.png`: absl takes one value per flag, so gather the bare paths after it.
@@ -112,7 +113,7 @@ def main(argv=None):
     config_lib.parse_argv(FLAGS, fixed)
     if not images:
       raise UserError("no --image given: pass one or more image paths, e.g. --image a.jpg b.png")
-    for path, text, err in predict(FLAGS.workdir, images, FLAGS.question, FLAGS.step):
+    for path, text, err in predict(FLAGS.workdir, images, FLAGS.question, FLAGS.step, FLAGS.mesh):
       print(f"{path}\t{text if err is None else err}", flush=True)
       status["failed"] |= err is not None
   rc = run_cli(run, argv)

@@ -42,12 +42,12 @@ class Run:
   encoder_only: bool = False
 
 
-def load_run(workdir: str, step=None, encoder_only: bool = False) -> tuple:
+def load_run(workdir: str, step=None, encoder_only: bool = False, mesh: str = None) -> tuple:
   """Restores a workdir's params (numpy, on every process) with its own config; returns (Run, step)."""
   def exportable(cfg):  # checked before the model is built
     if cfg.task not in FAMILIES:
       raise UserError(f"task '{cfg.task}' has no Hugging Face export yet (exportable: {', '.join(FAMILIES)}).")
-  s, params, step = restore_run(workdir, step, edit=exportable)
+  s, params, step = restore_run(workdir, step, edit=exportable, mesh=mesh)
   cfg = s.cfg
   if jax.process_count() > 1:
     params = multihost_utils.process_allgather(params, tiled=True)
@@ -66,10 +66,11 @@ def write(run: Run, out: str) -> str:
   return name
 
 
-def export_workdir(workdir: str, out: str, step=None, overwrite: bool = False, encoder_only: bool = False) -> dict:
+def export_workdir(workdir: str, out: str, step=None, overwrite: bool = False, encoder_only: bool = False,
+                   mesh: str = None) -> dict:
   """Exports `workdir` (checkpoint `step`, default the latest) into `out`; returns a summary."""
   out = files.prepare_out(out, overwrite)
-  run, step = load_run(workdir, step, encoder_only)
+  run, step = load_run(workdir, step, encoder_only, mesh)
   if encoder_only and run.cfg.task != "classification":
     raise UserError("--encoder_only applies to classification runs (a ViT without its head).")
   name = None
