@@ -115,6 +115,20 @@ def test_a_run_from_a_bigger_mesh_restores_here_for_evaluation_and_export(pre, t
   assert dict(s.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2} and not capsys.readouterr().err
 
 
+def test_resume_with_another_batch_size_or_seed_says_where_the_input_resumes(tiny_config, tmp_path, capsys):
+  cfg = tiny_config
+  (tmp_path / "config.json").write_text(config.to_json(cfg))
+  train._note_changed_input(str(tmp_path), cfg, 40)
+  assert capsys.readouterr().err == ""
+  old_batch = cfg.batch_size
+  cfg.batch_size, cfg.seed = old_batch // 2, cfg.seed + 1
+  train._note_changed_input(str(tmp_path), cfg, 40)
+  err = capsys.readouterr().err
+  assert (f"batch_size is {old_batch // 2}, the run that saved step 40 used {old_batch}: the input resumes at "
+          f"example {40 * old_batch // 2} of the shuffled stream, not at {40 * old_batch}") in err
+  assert f"seed is {cfg.seed}, the run that saved step 40 used {cfg.seed - 1}" in err
+
+
 def test_checkpoint_of_another_model_is_refused_and_kept(pre, tiny_config, tmp_path):
   cfg = _short(tiny_config)
   wd = tmp_path / "run"

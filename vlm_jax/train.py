@@ -235,6 +235,25 @@ def _draw(s: Setup, batch, preds, path):
     vlog.draw_grid(items, path, s.cfg.input.mean, s.cfg.input.std)
 
 
+def _note_changed_input(workdir: str, cfg, start: int) -> None:
+  """A resumed run whose batch size or seed differs from the run that saved the checkpoint is
+  allowed (another slice, another per-device batch), but its input no longer continues where that
+  run stopped: the position is step x batch_size, the order comes from the seed. Says so."""
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      before = json.load(f)
+  except (OSError, ValueError):
+    return
+  old_batch, old_seed = before.get("batch_size"), before.get("seed")
+  if old_batch not in (None, cfg.batch_size):
+    print(f"note: batch_size is {cfg.batch_size}, the run that saved step {start} used {old_batch}: the input "
+          f"resumes at example {start * cfg.batch_size} of the shuffled stream, not at {start * old_batch} "
+          f"where it stopped (the learning-rate schedule counts steps).", file=sys.stderr, flush=True)
+  if old_seed not in (None, cfg.seed):
+    print(f"note: seed is {cfg.seed}, the run that saved step {start} used {old_seed}: the input after "
+          f"step {start} is shuffled and augmented in another order.", file=sys.stderr, flush=True)
+
+
 def _trim_metrics(workdir: str, last_step: int) -> None:
   """Drops metrics logged after `last_step` (they are recomputed identically on resume), and a
   last line cut short by a killed run."""
@@ -287,6 +306,8 @@ def train(cfg, workdir: str, stop: preemption.StopSignal = None) -> dict:
       print(f"Initialised {len(copied)} parameters from the pretrained towers", flush=True)
   start = int(jax.device_get(state.step))
   if lead:
+    if resumed:
+      _note_changed_input(workdir, cfg, start)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config_lib.to_json(cfg))
     with open(os.path.join(workdir, "data_info.json"), "w") as f:  # lets predict run without the dataset
