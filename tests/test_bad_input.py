@@ -58,6 +58,8 @@ def test_missing_recipe_file_and_missing_workdir():
     ("--config.input.image_size=0", r"'input.image_size' must be a positive integer, got 0"),
     ("--config.input.mean=(0.5,0.5)", r"'input.mean' must be 3 numbers \(one per RGB channel\)"),
     ("--config.input.text=captions", r"input.text='captions' is unknown; use '', 'caption' or 'qa'"),
+    ("--config.input.random_crop_scale=(2.0,1.0)", r"'input.random_crop_scale' must be \(min, max\) area fractions "
+                                                   r"with 0 < min <= max <= 1, got \(2.0, 1.0\)"),
 ])
 def test_config_values_that_cannot_run(override, message):
   cfg = _parse(override)
@@ -70,6 +72,37 @@ def test_impossible_mesh_for_the_device_count():
     parallel.make_mesh("data=16,fsdp=1,tensor=1", jax.devices()[:8])
   with pytest.raises(UserError, match=r"the fixed axes multiply to 3, which does not divide the 8 devices"):
     parallel.make_mesh("data=-1,fsdp=3", jax.devices()[:8])
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("num_heads", 5, r"the model cannot be built from this config: width 32 is not divisible by num_heads 5\. "
+                     r"Fix the model\.\* value"),
+    ("pool", "bogus", r"pool must be one of \('cls', 'gap', 'map', 'none'\), got 'bogus'"),
+    ("remat", "bogus", r"unknown remat policy 'bogus'; choose one of \['dots'"),
+])
+def test_model_settings_the_modules_refuse_are_one_error(tiny_config, key, value, message):
+  tiny_config.model[key] = value
+  with pytest.raises(UserError, match=message):
+    train.build(tiny_config, devices=jax.devices()[:1])
+
+
+def test_distributed_settings_that_cannot_start(tiny_config, monkeypatch):
+  for var in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES",
+              "MEGASCALE_COORDINATOR_ADDRESS"):
+    monkeypatch.delenv(var, raising=False)
+  d = tiny_config.distributed
+  d.enable = "true"
+  with pytest.raises(UserError, match=r"distributed.enable=true, but no cluster environment was detected .* Set "
+                                      r"coordinator_address, num_processes and process_id"):
+    parallel.initialize_distributed(tiny_config)
+  d.enable, d.coordinator_address = "auto", "localhost:12345"
+  with pytest.raises(UserError, match=r"also needs distributed.num_processes \(>= 1\) and this process's "
+                                      r"distributed.process_id \(0 .. num_processes - 1\); got num_processes=0, "
+                                      r"process_id=-1"):
+    parallel.initialize_distributed(tiny_config)
+  d.num_processes, d.process_id = 2, 2
+  with pytest.raises(UserError, match=r"got num_processes=2, process_id=2"):
+    parallel.initialize_distributed(tiny_config)
 
 
 def test_empty_split_is_a_clear_error(tiny_config):

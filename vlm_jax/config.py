@@ -192,6 +192,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                       f"e.g. --config.input.{key}='(0.5,0.5,0.5)'.")
   if any(x == 0 for x in inp.std):
     raise UserError(f"config: 'input.std' must not contain 0, got {inp.std!r}.")
+  scale = inp.get("random_crop_scale", (1.0, 1.0))
+  if (not isinstance(scale, (tuple, list)) or len(scale) != 2 or not all(isinstance(x, (int, float)) for x in scale)
+      or not 0 < scale[0] <= scale[1] <= 1):
+    raise UserError(f"config: 'input.random_crop_scale' must be (min, max) area fractions with "
+                    f"0 < min <= max <= 1, got {scale!r}; e.g. --config.input.random_crop_scale='(0.08,1.0)'.")
   if inp.get("text", "") not in ("", "caption", "qa"):
     raise UserError(f"config: input.text='{inp.text}' is unknown; use '', 'caption' or 'qa'.")
 

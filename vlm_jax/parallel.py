@@ -118,6 +118,21 @@ def initialize_distributed(cfg) -> None:
     return
   kwargs = {}
   if explicit:
+    if not (isinstance(d.num_processes, int) and isinstance(d.process_id, int)
+            and 0 <= d.process_id < d.num_processes):
+      raise UserError(f"distributed.coordinator_address='{d.coordinator_address}' also needs "
+                      f"distributed.num_processes (>= 1) and this process's distributed.process_id "
+                      f"(0 .. num_processes - 1); got num_processes={d.num_processes}, process_id={d.process_id}.")
     kwargs = dict(coordinator_address=d.coordinator_address, num_processes=d.num_processes,
                   process_id=d.process_id)
-  jax.distributed.initialize(**kwargs)
+  elif not detected:
+    raise UserError("distributed.enable=true, but no cluster environment was detected (Cloud TPU pod, SLURM, "
+                    "Open MPI or JAX_COORDINATOR_ADDRESS) and distributed.coordinator_address is empty. Set "
+                    "coordinator_address, num_processes and process_id, or use distributed.enable=auto.")
+  try:
+    jax.distributed.initialize(**kwargs)
+  except (ValueError, RuntimeError) as e:
+    where = f"coordinator {d.coordinator_address}" if explicit else "the detected cluster environment"
+    raise UserError(f"jax.distributed.initialize failed with {where}: {str(e).strip().splitlines()[0][:300]}. "
+                    f"Check that every process got the same coordinator address and process count, and its own "
+                    f"process_id.") from e

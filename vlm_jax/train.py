@@ -101,7 +101,11 @@ def build(cfg, data_info=None, devices=None) -> Setup:
   root = jax.random.PRNGKey(cfg.seed)
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    boxed = jax.eval_shape(lambda r: task.init(r, dummy), root)
+    try:
+      boxed = jax.eval_shape(lambda r: task.init(r, dummy), root)
+    except ValueError as e:  # the modules check their settings (heads vs width, pool, remat, ...)
+      raise UserError(f"the model cannot be built from this config: {str(e).splitlines()[0]}. Fix the "
+                      f"model.* value (--debug shows where it was raised).") from e
   param_specs = nn.get_partition_spec(boxed)
   params_abs = nn.meta.unbox(boxed)
   tx, schedule = optim.make(cfg.optimizer, cfg.total_steps, params_abs)
