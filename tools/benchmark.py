@@ -47,6 +47,7 @@ import optax  # noqa: E402
 
 from vlm_jax import config as config_lib, decode, flops, optim, parallel, train  # noqa: E402
 from vlm_jax.data import sources  # noqa: E402
+from vlm_jax.errors import UserError  # noqa: E402
 from vlm_jax.models.layers import ATTENTION  # noqa: E402
 from vlm_jax.models.precision import MATMUL  # noqa: E402
 from vlm_jax.models.vlm import Captioner  # noqa: E402
@@ -439,6 +440,8 @@ def main(argv=None):
   c.add_argument("--batches", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
   c.add_argument("--repeats", type=int, default=3)
   a = p.parse_args(argv)
+  if getattr(a, "heads", None) and getattr(a, "width", None) and a.width % a.heads:
+    p.error(f"--width {a.width} is not divisible by --heads {a.heads}")
   if a.threads:  # before the first JAX computation creates the CPU client and its thread pool
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:a.threads])
   a.threads = len(os.sched_getaffinity(0))
@@ -449,7 +452,11 @@ def main(argv=None):
     pass
   bench = {"train-vit": bench_train_vit, "train-captioner": bench_train_captioner, "compile": bench_compile,
            "input": bench_input, "kernels": kernel_timing.bench_kernels, "decode": bench_decode, "siglip-loss": bench_siglip_loss}[a.cmd]
-  result = bench(a)
+  try:
+    result = bench(a)
+  except UserError as e:  # e.g. --heads that do not divide --width: one line, as the trainer's CLI
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
   line = json.dumps(result)
   if a.json:
     with open(a.json, "w") as f:
