@@ -9,6 +9,7 @@ import errno
 import os
 import shutil
 import signal
+import subprocess
 import sys
 
 import jax
@@ -128,6 +129,28 @@ def test_echoes_of_a_failed_restore_are_dropped_and_nothing_else(monkeypatch, ca
               "\"params.x/0\" in OCDBT database at local file ...')>")
     log.error("Future exception was never retrieved\nfuture: <Future exception=OSError('disk')>")
   assert [r.getMessage().count("OSError") for r in caplog.records] == [1]
+
+
+def test_second_run_in_a_busy_workdir_is_refused_and_the_lock_dies_with_its_holder(tiny_config, tmp_path):
+  wd = str(tmp_path / "run")
+  os.makedirs(wd)
+  with checkpoint.WorkdirLock(wd):  # as a first run holds it while it trains
+    with pytest.raises(UserError, match=rf"another training run is using workdir '{wd}' \(pid {os.getpid()} on "
+                                        rf".*\); two runs in one workdir would overwrite .* choose another --workdir"):
+      train.train(tiny_config, wd)
+  assert os.listdir(wd) == [".vlm_jax.lock"]  # refused before anything was built or written
+  # A holder killed with SIGKILL leaves no stale lock: the kernel drops it with the process.
+  holder = subprocess.Popen([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                             "from vlm_jax.checkpoint import WorkdirLock; import time; "
+                             "l = WorkdirLock(sys.argv[2]).__enter__(); print('locked', flush=True); time.sleep(60)",
+                             REPO, wd], stdout=subprocess.PIPE, text=True)
+  assert holder.stdout.readline().strip() == "locked"
+  with pytest.raises(UserError, match=rf"pid {holder.pid} on "):
+    checkpoint.WorkdirLock(wd).__enter__()
+  holder.kill()
+  holder.wait()
+  with checkpoint.WorkdirLock(wd):
+    pass
 
 
 def test_no_restorable_step_is_one_error_and_nothing_is_deleted(three_steps, tmp_path):

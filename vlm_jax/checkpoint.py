@@ -11,12 +11,15 @@ is deleted) so that the resumed run can save that step again. When no step resto
 error naming the directory. Orbax's keep-N deletes old steps only after the new one committed
 (also with async saves), so the last good checkpoint survives a crash or a failed save; a
 failed save (disk full, permissions) becomes one error naming the step and the step kept.
+One training run per workdir at a time (`WorkdirLock`).
 """
 
 import errno
+import fcntl
 import json
 import logging
 import os
+import socket
 import sys
 
 import jax
@@ -233,6 +236,46 @@ def _quiet_abandoned_reads() -> None:
 def _warn(text: str) -> None:
   if jax.process_index() == 0:
     print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
+class WorkdirLock:
+  """An exclusive lock on WORKDIR/.vlm_jax.lock for as long as a training run lives (taken by
+  process 0). Two runs in one workdir (a command started twice, a job requeued while the old one
+  still runs) would save the same steps over each other and interleave their metrics; the second
+  is refused with one error naming the first. The kernel drops the lock when its holder exits,
+  however it ends (SIGKILL too), so a crashed run never leaves a stale one behind."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.workdir, self.enabled, self.file = workdir, enabled, None
+
+  def __enter__(self):
+    if not self.enabled:
+      return self
+    f = open(os.path.join(self.workdir, ".vlm_jax.lock"), "a+")
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or "another process"
+      f.close()
+      raise UserError(f"another training run is using workdir '{self.workdir}' ({holder}); two runs in one "
+                      f"workdir would overwrite each other's checkpoints. Wait for it to end or stop it, or "
+                      f"choose another --workdir.") from None
+    except OSError:  # a filesystem without locks: run unguarded rather than not at all
+      f.close()
+      return self
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    self.file = f
+    return self
+
+  def __exit__(self, *exc):
+    if self.file is not None:
+      fcntl.flock(self.file, fcntl.LOCK_UN)
+      self.file.close()
+      self.file = None
 
 
 def check_writable(*directories) -> None:

@@ -280,17 +280,23 @@ def train(cfg, workdir: str, stop: preemption.StopSignal = None) -> dict:
   """Trains (or resumes) `cfg` in `workdir`; returns the last evaluation metrics.
 
   With `stop` (the CLI passes one), a SIGTERM/SIGINT ends the run after the current step with
-  a committed checkpoint. A non-finite loss is skipped or stops the run (`nan_policy`)."""
-  from vlm_jax.data import pipeline
-
+  a committed checkpoint. A non-finite loss is skipped or stops the run (`nan_policy`). A second
+  run started in the same workdir while this one trains is refused (`checkpoint.WorkdirLock`)."""
   parallel.initialize_distributed(cfg)
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  lead = jax.process_index() == 0
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
     raise UserError(f"cannot create workdir '{workdir}': {e.strerror}. Choose a writable --workdir.") from None
   checkpoint.check_writable(workdir, os.path.join(workdir, "checkpoints"))
+  with checkpoint.WorkdirLock(workdir, enabled=jax.process_index() == 0):
+    return _train(cfg, workdir, stop)
+
+
+def _train(cfg, workdir: str, stop) -> dict:
+  from vlm_jax.data import pipeline
+
+  lead = jax.process_index() == 0
   s = build(cfg)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
   tok = getattr(s.task, "tokenizer", None)
