@@ -49,8 +49,9 @@ def mesh_here(run_mesh: str, mesh: str = None) -> str:
     parallel.mesh_shape(run_mesh, jax.device_count())
     return run_mesh
   except UserError:
-    print(f"note: the run's mesh '{run_mesh}' does not fit the {jax.device_count()} device(s) here; "
-          f"restoring onto '{FALLBACK_MESH}' (choose another with --mesh).", file=sys.stderr, flush=True)
+    if jax.process_index() == 0:
+      print(f"note: the run's mesh '{run_mesh}' does not fit the {jax.device_count()} device(s) here; "
+            f"restoring onto '{FALLBACK_MESH}' (choose another with --mesh).", file=sys.stderr, flush=True)
     return FALLBACK_MESH
 
 
