@@ -105,6 +105,21 @@ def test_distributed_settings_that_cannot_start(tiny_config, monkeypatch):
     parallel.initialize_distributed(tiny_config)
 
 
+def test_url_workdir_is_refused_before_anything_is_written(tiny_config, tmp_path, monkeypatch):
+  """os.path made 'gs://b/run' a local 'gs:/b/run' that trained and then failed at its first save."""
+  from vlm_jax import evaluate
+  from vlm_jax.hf import export
+  monkeypatch.chdir(tmp_path)
+  fix = r"Mount the bucket and pass the mount path \(e.g. `gcsfuse BUCKET /gcs/BUCKET` on every host"
+  with pytest.raises(UserError, match=r"--workdir 'gs://bucket/run' is a URL; .*" + fix):
+    train.train(tiny_config, "gs://bucket/run")
+  with pytest.raises(UserError, match=r"--workdir 's3://bucket/run' is a URL"):
+    evaluate.evaluate_workdir("s3://bucket/run")
+  with pytest.raises(UserError, match=r"--out 'gs://bucket/hf' is a URL"):
+    export.export_workdir(str(tmp_path), "gs://bucket/hf")
+  assert os.listdir(tmp_path) == []
+
+
 def test_empty_split_is_a_clear_error(tiny_config):
   inp = tiny_config.input
   inp.train_split = "train[:0]"

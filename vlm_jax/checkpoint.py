@@ -278,6 +278,18 @@ class WorkdirLock:
       self.file = None
 
 
+def local_dir(path: str, flag: str) -> str:
+  """The absolute form of a directory the user named with `flag`. A URL (gs://, s3://, ...) is
+  refused: the workdir's files (metrics appended line by line, the lock, pictures) are written
+  through the local file system, and os.path would have turned 'gs://b/run' into a local 'gs:/b/run'
+  that trains and then fails at its first save."""
+  if "://" in path:
+    raise UserError(f"{flag} '{path}' is a URL; vlm_jax reads and writes it through the local file system. "
+                    f"Mount the bucket and pass the mount path (e.g. `gcsfuse BUCKET /gcs/BUCKET` on every "
+                    f"host, then {flag} /gcs/BUCKET/...), or use a shared file system (NFS, Filestore).")
+  return os.path.abspath(os.path.expanduser(path))
+
+
 def check_writable(*directories) -> None:
   """Raises UserError unless a file can be created in each existing directory (before training)."""
   for d in directories:
@@ -304,7 +316,7 @@ def _square(n: int) -> bool:
 def _checkpoint_params(spec: str) -> dict:
   """{param path: numpy array} of a workdir's checkpoint; `spec` is 'WORKDIR' or 'WORKDIR:STEP'."""
   path, _, step = spec.rpartition(":") if spec.rpartition(":")[2].isdigit() else (spec, "", "")
-  directory = os.path.join(os.path.abspath(os.path.expanduser(path)), "checkpoints")
+  directory = os.path.join(local_dir(path, "init_from"), "checkpoints")
   if not os.path.isdir(directory):
     raise UserError(f"init_from='{spec}': '{directory}' does not exist. Point init_from at the workdir "
                     f"of an earlier run (optionally WORKDIR:STEP), or at a Hugging Face folder as 'hf:PATH'.")

@@ -62,7 +62,7 @@ def restore_run(workdir: str, step=None, edit=None, recorded_data: bool = True, 
   mesh; with `recorded_data` the dataset facts come from the workdir's data_info.json, so no
   dataset is needed.
   """
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  workdir = checkpoint.local_dir(workdir, "--workdir")
   cfg = load_run_config(workdir)
   with cfg.unlocked():
     if edit:
@@ -88,7 +88,7 @@ def restore_run(workdir: str, step=None, edit=None, recorded_data: bool = True, 
 
 
 def evaluate_workdir(workdir: str, step=None, data_dir=None, mesh=None) -> dict:
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  workdir = checkpoint.local_dir(workdir, "--workdir")
 
   def edit(cfg):
     cfg.data_dir = data_dir or cfg.data_dir

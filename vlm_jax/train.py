@@ -283,7 +283,7 @@ def train(cfg, workdir: str, stop: preemption.StopSignal = None) -> dict:
   a committed checkpoint. A non-finite loss is skipped or stops the run (`nan_policy`). A second
   run started in the same workdir while this one trains is refused (`checkpoint.WorkdirLock`)."""
   parallel.initialize_distributed(cfg)
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  workdir = checkpoint.local_dir(workdir, "--workdir")
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:

@@ -50,7 +50,8 @@ def image_processor_config(inp) -> dict:
 
 def prepare_out(out: str, overwrite: bool) -> str:
   """Checks the export folder: absent, empty, or (with overwrite) a folder we may replace files in."""
-  out = os.path.abspath(os.path.expanduser(out))
+  from vlm_jax.checkpoint import local_dir
+  out = local_dir(out, "--out")
   if os.path.exists(out) and not os.path.isdir(out):
     raise UserError(f"--out '{out}' is a file, not a folder. Choose a folder path.")
   if os.path.isdir(out) and os.listdir(out) and not overwrite:
