@@ -2,10 +2,10 @@
 
 Needs `coco_captions` (tfds; Karpathy splits train/restval/val/test) prepared in `data_dir` and
 accelerators, e.g. a Cloud TPU v4-32 or an 8-GPU host:
-  python -m vlm_jax.train --config configs/cappa_b16_coco.py --workdir gs://BUCKET/cappa_b16 \\
+  python -m vlm_jax.train --config configs/cappa_b16_coco.py --workdir /gcs/BUCKET/cappa_b16 \\
       --config.data_dir=gs://BUCKET/tensorflow_datasets
 Start the encoder from an ImageNet run (its ViT goes under the captioner's 'img/' tower):
-      --config.init_from=gs://BUCKET/vit_b16 --config.init_prefix=img/ \\
+      --config.init_from=/gcs/BUCKET/vit_b16 --config.init_prefix=img/ \\
       --config.init_include='^img/(embedding|pos_embedding|encoder)/'
 A WordPiece tokenizer is trained on the training captions the first time (cached next to the
 data and copied into the workdir). Reports val/test BLEU-4, CIDEr and perplexity.

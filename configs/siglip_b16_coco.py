@@ -1,7 +1,7 @@
 """Real-scale recipe: SigLIP B/16 image-text training on COCO captions from a tfds data_dir.
 
 Needs `coco_captions` (Karpathy splits) prepared in `data_dir` and accelerators, e.g.:
-  python -m vlm_jax.train --config configs/siglip_b16_coco.py --workdir gs://BUCKET/siglip_coco \
+  python -m vlm_jax.train --config configs/siglip_b16_coco.py --workdir /gcs/BUCKET/siglip_coco \
       --config.data_dir=gs://BUCKET/tensorflow_datasets
 SigLIP-B/16 shapes laid out as Hugging Face `SiglipModel` (ViT-B/16 without class token, MAP
 head; 12-layer text encoder pooled at the last position with a Linear head; logit scale and

@@ -2,7 +2,7 @@
 
 Needs imagenet2012 prepared in `data_dir` (tfds manual download) and accelerators, e.g. a Cloud
 TPU v4-32 or a multi-GPU host:
-  python -m vlm_jax.train --config configs/vit_b16_imagenet.py --workdir gs://BUCKET/vit_b16 \
+  python -m vlm_jax.train --config configs/vit_b16_imagenet.py --workdir /gcs/BUCKET/vit_b16 \
       --config.data_dir=gs://BUCKET/tensorflow_datasets
 Roughly the ViT paper / big_vision ImageNet-from-scratch setup (300 epochs at batch 4096 is
 ~93k steps; this recipe uses 90 epochs).
