@@ -60,6 +60,10 @@ def test_missing_recipe_file_and_missing_workdir():
     ("--config.input.text=captions", r"input.text='captions' is unknown; use '', 'caption' or 'qa'"),
     ("--config.input.random_crop_scale=(2.0,1.0)", r"'input.random_crop_scale' must be \(min, max\) area fractions "
                                                    r"with 0 < min <= max <= 1, got \(2.0, 1.0\)"),
+    ("--config.input.max_len=0", r"'input.max_len' must be an integer >= 2 \(BOS and EOS take 2 positions\), got 0"),
+    ("--config.evals.decode_len=-1", r"'evals.decode_len' must be an integer >= 0 \(0 means input.max_len - 1\)"),
+    ("--config.evals.beam_size=0", r"'evals.beam_size' must be an integer >= 1"),
+    ("--config.evals.decode=nucleus", r"evals.decode='nucleus' is unknown; use greedy, beam, sample"),
 ])
 def test_config_values_that_cannot_run(override, message):
   cfg = _parse(override)

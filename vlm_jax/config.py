@@ -161,6 +161,9 @@ def parse_mesh(spec: str) -> dict:
   return out
 
 
+DECODERS = ("greedy", "beam", "sample")
+
+
 def validate(cfg: ml_collections.ConfigDict) -> None:
   """Raises UserError for a config that cannot run (independent of the devices present)."""
   from vlm_jax import tasks  # local: tasks import models, which config must not need
@@ -199,6 +202,15 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                     f"0 < min <= max <= 1, got {scale!r}; e.g. --config.input.random_crop_scale='(0.08,1.0)'.")
   if inp.get("text", "") not in ("", "caption", "qa"):
     raise UserError(f"config: input.text='{inp.text}' is unknown; use '', 'caption' or 'qa'.")
+  ev = cfg.evals
+  checks = (("input.max_len", inp.get("max_len", 2), 2, "BOS and EOS take 2 positions"),
+            ("evals.decode_len", ev.get("decode_len", 0), 0, "0 means input.max_len - 1"),
+            ("evals.beam_size", ev.get("beam_size", 1), 1, "the beams kept per example"))
+  for key, value, least, meaning in checks:
+    if not isinstance(value, int) or value < least:
+      raise UserError(f"config: '{key}' must be an integer >= {least} ({meaning}), got {value!r}.")
+  if ev.get("decode", "greedy") not in DECODERS:
+    raise UserError(f"config: evals.decode='{ev.decode}' is unknown; use {', '.join(DECODERS)}.")
 
 
 def parse_argv(flag_values, argv) -> None:
