@@ -136,12 +136,9 @@ class Checkpointer:
 
   def _recorded_task(self) -> str:
     """' (a 'TASK' run, per WORKDIR/config.json)' when the run that wrote this directory says so."""
-    path = os.path.join(os.path.dirname(self.directory), "config.json")
-    try:
-      with open(path) as f:
-        return f" (a '{json.load(f)['task']}' run, per {path})"
-    except (OSError, ValueError, KeyError, TypeError):
-      return ""
+    workdir = os.path.dirname(self.directory)
+    task = recorded_config(workdir).get("task")
+    return f" (a '{task}' run, per {os.path.join(workdir, 'config.json')})" if task else ""
 
   def restore(self, step: int, abstract_state):
     """Restores `step` onto the shardings of `abstract_state` (ShapeDtypeStructs with .sharding)."""
@@ -276,6 +273,17 @@ class WorkdirLock:
       fcntl.flock(self.file, fcntl.LOCK_UN)
       self.file.close()
       self.file = None
+
+
+def recorded_config(workdir: str) -> dict:
+  """WORKDIR/config.json as the last run there wrote it (a plain dict), or {} when it is missing or
+  unreadable: for messages about what that run did, never for building anything."""
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      d = json.load(f)
+  except (OSError, ValueError):
+    return {}
+  return d if isinstance(d, dict) else {}
 
 
 def local_dir(path: str, flag: str) -> str:

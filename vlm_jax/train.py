@@ -243,11 +243,7 @@ def _note_changed_input(workdir: str, cfg, start: int) -> None:
   """A resumed run whose batch size or seed differs from the run that saved the checkpoint is
   allowed (another slice, another per-device batch), but its input no longer continues where that
   run stopped: the position is step x batch_size, the order comes from the seed. Says so."""
-  try:
-    with open(os.path.join(workdir, "config.json")) as f:
-      before = json.load(f)
-  except (OSError, ValueError):
-    return
+  before = checkpoint.recorded_config(workdir)
   old_batch, old_seed = before.get("batch_size"), before.get("seed")
   if old_batch not in (None, cfg.batch_size):
     print(f"note: batch_size is {cfg.batch_size}, the run that saved step {start} used {old_batch}: the input "
