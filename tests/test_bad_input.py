@@ -14,6 +14,7 @@ from PIL import Image
 from vlm_jax import config, parallel, train
 from vlm_jax.data import pipeline
 from vlm_jax.errors import UserError
+from vlm_jax.runtime import build
 
 from conftest import REPO
 
@@ -87,7 +88,16 @@ def test_impossible_mesh_for_the_device_count():
 def test_model_settings_the_modules_refuse_are_one_error(tiny_config, key, value, message):
   tiny_config.model[key] = value
   with pytest.raises(UserError, match=message):
-    train.build(tiny_config, devices=jax.devices()[:1])
+    build(tiny_config, devices=jax.devices()[:1])
+
+
+def test_unknown_task_is_refused_before_the_dataset_is_opened(tiny_config, tmp_path):
+  tiny_config.task = "captionig"
+  tiny_config.data_dir = str(tmp_path / "no_data_here")
+  with pytest.raises(UserError, match=r"config: unknown task 'captionig'\. Did you mean 'captioning'\? Known tasks: "
+                                      r"captioning, classification, contrastive\."):
+    build(tiny_config, devices=jax.devices()[:1])
+  assert not os.path.exists(tmp_path / "no_data_here")
 
 
 def test_distributed_settings_that_cannot_start(tiny_config, monkeypatch):
@@ -144,13 +154,13 @@ def test_task_and_dataset_that_do_not_fit(tiny_config, tmp_path):
   cfg = tiny_config
   cfg.input.data, cfg.evals.splits = f"folder:{captions}", "train"
   with pytest.raises(UserError, match=r"task 'classification' needs a dataset with a class label; 'folder/captions-"):
-    train.build(cfg, devices=jax.devices()[:1])
+    build(cfg, devices=jax.devices()[:1])
   classes = tmp_path / "classes"
   _png(str(classes / "red" / "a.png"))
   cap = config.load(os.path.join(REPO, "configs/cappa_shapes.py:tiny"))
   cap.data_dir, cap.input.data, cap.evals.splits = tiny_config.data_dir, f"folder:{classes}", "train"
   with pytest.raises(UserError, match=r"has none of the text features caption, .* \(it has image, path, label\)"):
-    train.build(cap, devices=jax.devices()[:1])
+    build(cap, devices=jax.devices()[:1])
 
 
 def _cli(*args):
@@ -184,4 +194,4 @@ def test_unknown_evaluation_split_is_refused_before_training(tiny_config):
   tiny_config.evals.splits = "validation,tset"
   with pytest.raises(UserError, match=r"split 'tset' of dataset 'shapes/tiny/.*' does not exist .*Available splits: "
                                       r".*choose among them with --config.input.train_split / --config.evals.splits"):
-    train.build(tiny_config, devices=jax.devices()[:1])
+    build(tiny_config, devices=jax.devices()[:1])

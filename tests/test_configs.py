@@ -8,8 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from vlm_jax import config, parallel, train
+from vlm_jax import config, parallel
 from vlm_jax.data.sources import DataInfo
+from vlm_jax.runtime import build
+from vlm_jax.step import make_train_step
 
 from conftest import REPO
 
@@ -41,8 +43,8 @@ def test_vit_b16_imagenet_one_fsdp_step_at_tiny_size():
   cfg.model.width, cfg.model.depth, cfg.model.num_heads, cfg.model.mlp_dim = 32, 2, 2, 64
   cfg.input.image_size, cfg.batch_size = 32, 16
   info = DataInfo("imagenet2012", 1000, None, {"train": 1281167, "validation": 50000}, ("image", "label"))
-  s = train.build(cfg, data_info=info, devices=jax.devices()[:8])
-  step = train.make_train_step(s)
+  s = build(cfg, data_info=info, devices=jax.devices()[:8])
+  step = make_train_step(s)
   rng = np.random.default_rng(0)
   batch = {"image": rng.normal(size=(16, 32, 32, 3)).astype(np.float32),
            "label": rng.integers(0, 1000, 16).astype(np.int32)}
@@ -68,8 +70,8 @@ def test_cappa_b16_coco_one_fsdp_step_at_tiny_size(tmp_path):
   tok.save(cfg.input.tokenizer)
   info = DataInfo("coco_captions", 0, None, {"train": 82783, "restval": 30504, "val": 5000, "test": 5000},
                   ("image", "captions", "objects"))
-  s = train.build(cfg, data_info=info, devices=jax.devices()[:8])
-  step = train.make_train_step(s)
+  s = build(cfg, data_info=info, devices=jax.devices()[:8])
+  step = make_train_step(s)
   rng = np.random.default_rng(0)
   tokens, _ = tok.caption_sequences(["a man riding a horse"] * 16, cfg.input.max_len)
   batch = {"image": rng.normal(size=(16, 32, 32, 3)).astype(np.float32), "tokens": tokens}
@@ -91,8 +93,8 @@ def test_siglip_b16_coco_one_fsdp_step_at_tiny_size(tmp_path):
   # coco_captions cannot be prepared here: its tokenizer comes from a file instead.
   cfg.input.tokenizer = train_tokenizer(["a man riding a horse", "two cats on a sofa"], 100).save(str(tmp_path))
   info = DataInfo("coco_captions", 0, None, {"train": 82783, "test": 5000}, ("image", "captions"))
-  s = train.build(cfg, data_info=info, devices=jax.devices()[:8])
-  step = train.make_train_step(s)
+  s = build(cfg, data_info=info, devices=jax.devices()[:8])
+  step = make_train_step(s)
   rng = np.random.default_rng(0)
   batch = {"image": rng.normal(size=(16, 32, 32, 3)).astype(np.float32),
            "tokens": rng.integers(1, 50, (16, 16)).astype(np.int32)}

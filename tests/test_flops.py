@@ -85,9 +85,9 @@ def test_peaks_and_mfu():
   cpu = flops.peak_flops_per_device()  # measured: positive and below anything a CPU can do
   assert 1e8 < cpu * jax.local_device_count() < 1e14
   assert 1e8 < flops.peak_flops_per_device(dtype_mm="bfloat16") * jax.local_device_count() < 1e14
-  out = flops.throughput(100.0, 1e9, 12, 4, 1e11)
+  out = flops.throughput(100.0, flops.StepCost(1e9, 12, 4, 1e11))
   assert out == pytest.approx({"tokens_per_s": 1200.0, "tflops_per_device": 0.025, "mfu": 0.25})
-  assert flops.throughput(100.0, 1e9, 0, 4, None) == {"tflops_per_device": 0.025}
-  assert flops.throughput(100.0, None, 0, 4, 1e11) == {}
+  assert flops.throughput(100.0, flops.StepCost(1e9, 0, 4, None)) == {"tflops_per_device": 0.025}
+  assert flops.throughput(100.0, flops.StepCost(None, 0, 4, 1e11)) == {}
   assert flops.tokens_per_example({"tokens": jnp.zeros((1, 33))}) == 32
   assert flops.tokens_per_example({"image": jnp.zeros((1, 8, 8, 3))}) == 0

@@ -10,8 +10,10 @@ import sys
 import jax
 import numpy as np
 
-from vlm_jax import config, logging as vlog, parallel, train
+from vlm_jax import config, parallel, reporting
 from vlm_jax.data import pipeline, sources
+from vlm_jax.runtime import build
+from vlm_jax.step import make_train_step
 
 from conftest import REPO
 
@@ -56,10 +58,10 @@ def _reference_losses(data_dir):
   cfg = config.load(os.path.join(REPO, "configs/vit_shapes.py:tiny"))
   cfg.data_dir, cfg.mesh, cfg.total_steps = data_dir, "data=-1", STEPS
   cfg.optimizer.schedule, cfg.optimizer.warmup_steps = "constant", 1
-  s = train.build(cfg, devices=jax.devices()[:8])
+  s = build(cfg, devices=jax.devices()[:8])
   hosts = [pipeline.train_batches(cfg.input, data_dir, cfg.seed, cfg.batch_size // 2, 0, sources.Host(i, 2))
            for i in range(2)]
-  step = train.make_train_step(s)
+  step = make_train_step(s)
   losses = []
   with s.context():
     state = s.init_state(jax.random.PRNGKey(cfg.seed))
@@ -78,7 +80,7 @@ def test_two_processes_train_checkpoint_resume_match_one_process(data_dir, tmp_p
   outputs = _run_two_processes(wd, data_dir, STEPS)  # both processes restore step 2 and continue
   assert "Resuming from" in outputs[0]
   assert sorted(os.listdir(wd / "checkpoints")) == ["2", "4"]
-  rows = [r for r in vlog.read_metrics(str(wd)) if "train/loss" in r]
+  rows = [r for r in reporting.read_metrics(str(wd)) if "train/loss" in r]
   assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # written once, by process 0
   for key in ("train/images_per_s", "train/tflops_per_device", "train/mfu"):
     assert rows[-1][key] > 0, key

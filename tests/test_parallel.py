@@ -12,10 +12,12 @@ import jax
 import numpy as np
 import pytest
 
-from vlm_jax import config, parallel, train
+from vlm_jax import config, parallel
 from vlm_jax.data import pipeline, sources
 from vlm_jax.errors import UserError
 from vlm_jax.models import cpu_attention
+from vlm_jax.runtime import build
+from vlm_jax.step import make_train_step
 
 from conftest import REPO
 
@@ -67,7 +69,7 @@ def _loss_and_grads(s, batch, state=None):
 def reference(request, data_dir):
   """A family's single-device loss and gradients on one batch (computed once per module)."""
   cfg = _config(data_dir, request.param)
-  s = train.build(cfg, devices=jax.devices()[:1])
+  s = build(cfg, devices=jax.devices()[:1])
   batch = next(pipeline.train_batches(cfg.input, data_dir, 0, 32, tokenizer=getattr(s.task, "tokenizer", None)))
   state, loss, grads = _loss_and_grads(s, batch)
   return request.param, batch, jax.device_get(state), loss, grads
@@ -85,7 +87,7 @@ def _device_bytes(tree) -> dict:
 def test_sharded_equals_single_device_and_shards_state(reference, data_dir, mesh):
   family, batch, state1, loss1, g1 = reference
   cfg = _config(data_dir, family, mesh=MESHES[mesh])
-  s = train.build(cfg, devices=jax.devices()[:8])
+  s = build(cfg, devices=jax.devices()[:8])
   state, loss8, g8 = _loss_and_grads(s, batch, state1)  # sharded init equals single-device init
   assert abs(loss1 - loss8) < 1e-5
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), g1, g8)
@@ -103,7 +105,7 @@ def test_sharded_equals_single_device_and_shards_state(reference, data_dir, mesh
 
 def _compiled_step(cfg, devices, batch):
   """The compiled loss + gradient of `cfg` on `devices` for a global batch shaped like `batch`."""
-  s = train.build(cfg, devices=devices)
+  s = build(cfg, devices=devices)
   with s.context():
     params = jax.eval_shape(lambda r: s.init_state(r), jax.random.PRNGKey(0)).params
     params = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), params,
@@ -126,7 +128,7 @@ def test_activations_are_split_over_the_mesh_not_replicated(data_dir, family):
   array has the global batch dimension; on FSDP4 x TP2 no array holds a quarter of the batch with
   the whole MLP width (512); and per-device temporary memory shrinks to about 1/8 of one device's."""
   cfg = _config(data_dir, family)
-  s = train.build(cfg, devices=jax.devices()[:1])
+  s = build(cfg, devices=jax.devices()[:1])
   batch = next(pipeline.train_batches(cfg.input, data_dir, 0, GLOBAL_BATCH, tokenizer=getattr(s.task, "tokenizer", None)))
   one = _compiled_step(cfg, jax.devices()[:1], batch).memory_analysis().temp_size_in_bytes
   dp = _compiled_step(_config(data_dir, family, mesh=MESHES["dp8"]), jax.devices()[:8], batch)
@@ -141,7 +143,7 @@ def test_activations_are_split_over_the_mesh_not_replicated(data_dir, family):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_every_logical_name_has_a_rule(data_dir, family):
   """An unmatched logical name silently means "replicated": every name a parameter uses is in RULES."""
-  s = train.build(_config(data_dir, family), devices=jax.devices()[:1])
+  s = build(_config(data_dir, family), devices=jax.devices()[:1])
   dummy = s.task.dummy_batch(1)
   with s.context():
     boxed = jax.eval_shape(lambda r: s.task.init(r, dummy), jax.random.PRNGKey(0))
@@ -159,8 +161,8 @@ def test_grad_accumulation_gives_the_full_batch_update(data_dir):
   results, init = [], None
   for accum in (1, 4):  # 4 microbatches of 8 rows: one row per data shard each
     cfg.grad_accum_steps = accum
-    s = train.build(cfg, devices=jax.devices()[:8])
-    step = train.make_train_step(s)
+    s = build(cfg, devices=jax.devices()[:8])
+    step = make_train_step(s)
     with s.context():
       init = jax.device_get(s.init_state(jax.random.PRNGKey(0))) if init is None else init
       state, metrics = step(jax.device_put(init, s.state_sharding), parallel.shard_batch(batch, s.mesh))
@@ -172,18 +174,18 @@ def test_grad_accumulation_gives_the_full_batch_update(data_dir):
   assert not np.allclose(p1["head"]["kernel"], 0)  # the step really moved the (zero-initialised) head
   cfg.grad_accum_steps = 3
   with pytest.raises(UserError, match="batch_size=32 is not divisible by grad_accum_steps=3"):
-    train.build(cfg, devices=jax.devices()[:8])
+    build(cfg, devices=jax.devices()[:8])
 
 
 def test_odd_dimensions_are_replicated_instead_of_failing(data_dir):
   cfg = _config(data_dir, "classifier", mesh="data=4,fsdp=1,tensor=2")
   info = sources.DataInfo("synthetic", 7, None, {}, ())
   cfg.model.width, cfg.model.mlp_dim, cfg.model.num_heads = 32, 66, 2
-  s = train.build(cfg, info, devices=jax.devices()[:8])
+  s = build(cfg, info, devices=jax.devices()[:8])
   fc1 = s.state_sharding.params["encoder"]["layers"]["mlp"]["fc1"]["kernel"]
   assert fc1.spec[-1] == "tensor"  # 66 splits over tensor=2
   cfg.model.mlp_dim = 63  # odd: the MLP stays whole on each tensor shard
-  s = train.build(cfg, info, devices=jax.devices()[:8])
+  s = build(cfg, info, devices=jax.devices()[:8])
   assert s.state_sharding.params["encoder"]["layers"]["mlp"]["fc1"]["kernel"].spec[-1] is None
   zeros = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), s.abstract_state)
   state = jax.device_put(zeros, s.state_sharding)  # raises for a sharding that does not divide
@@ -196,11 +198,11 @@ def test_bf16_matmuls_shard_like_one_device(data_dir):
   activation left whole on a device."""
   cfg = _config(data_dir, "captioner")
   cfg.model.dtype_mm = "bfloat16"
-  s = train.build(cfg, devices=jax.devices()[:1])
+  s = build(cfg, devices=jax.devices()[:1])
   batch = next(pipeline.train_batches(cfg.input, data_dir, 0, 32, tokenizer=s.task.tokenizer))
   state1, loss1, g1 = _loss_and_grads(s, batch)
   cfg.mesh = MESHES["fsdp4_tp2"]
-  s8 = train.build(cfg, devices=jax.devices()[:8])
+  s8 = build(cfg, devices=jax.devices()[:8])
   _, loss8, g8 = _loss_and_grads(s8, batch, jax.device_get(state1))
   assert abs(loss1 - loss8) < 1e-4
   # bf16 rounding of a cotangent can flip where the sharded sums differ in the last f32 bit, so a

@@ -18,10 +18,10 @@ import pytest
 from conftest import REPO
 from etils import epath
 
-from vlm_jax import checkpoint, config, train
-from vlm_jax import logging as vlog
+from vlm_jax import checkpoint, config, preemption, reporting, train, workdir as workdir_lib
 from vlm_jax.data import pipeline
 from vlm_jax.errors import UserError
+from vlm_jax.runtime import build
 
 
 STEPS = 3
@@ -82,7 +82,7 @@ def test_damaged_latest_steps_fall_back_and_are_set_aside(three_steps, tmp_path,
   assert sorted(os.listdir(ck)) == ["1", "2", "2.damaged", "3", "3.damaged"]
   # Steps 2 and 3 were recomputed from step 1 exactly as the undamaged run computed them.
   assert _equal(_restore(wd, 3), _restore(good, 3))
-  steps = [r["step"] for r in vlog.read_metrics(wd) if "train/loss" in r]
+  steps = [r["step"] for r in reporting.read_metrics(wd) if "train/loss" in r]
   assert steps == [1, 2, 3]
 
 
@@ -134,22 +134,22 @@ def test_echoes_of_a_failed_restore_are_dropped_and_nothing_else(monkeypatch, ca
 def test_second_run_in_a_busy_workdir_is_refused_and_the_lock_dies_with_its_holder(tiny_config, tmp_path):
   wd = str(tmp_path / "run")
   os.makedirs(wd)
-  with checkpoint.WorkdirLock(wd):  # as a first run holds it while it trains
+  with workdir_lib.WorkdirLock(wd):  # as a first run holds it while it trains
     with pytest.raises(UserError, match=rf"another training run is using workdir '{wd}' \(pid {os.getpid()} on "
                                         rf".*\); two runs in one workdir would overwrite .* choose another --workdir"):
       train.train(tiny_config, wd)
   assert os.listdir(wd) == [".vlm_jax.lock"]  # refused before anything was built or written
   # A holder killed with SIGKILL leaves no stale lock: the kernel drops it with the process.
   holder = subprocess.Popen([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
-                             "from vlm_jax.checkpoint import WorkdirLock; import time; "
+                             "from vlm_jax.workdir import WorkdirLock; import time; "
                              "l = WorkdirLock(sys.argv[2]).__enter__(); print('locked', flush=True); time.sleep(60)",
                              REPO, wd], stdout=subprocess.PIPE, text=True)
   assert holder.stdout.readline().strip() == "locked"
   with pytest.raises(UserError, match=rf"pid {holder.pid} on "):
-    checkpoint.WorkdirLock(wd).__enter__()
+    workdir_lib.WorkdirLock(wd).__enter__()
   holder.kill()
   holder.wait()
-  with checkpoint.WorkdirLock(wd):
+  with workdir_lib.WorkdirLock(wd):
     pass
 
 
@@ -238,7 +238,7 @@ def test_checkpoint_of_another_task_is_refused_by_name(tiny_config, data_dir, tm
   """A captioning run's checkpoint in a classification run: refused, naming a parameter, untouched."""
   cap = config.load(os.path.join(REPO, "configs/cappa_shapes.py:tiny"))
   cap.data_dir = data_dir
-  s = train.build(cap)
+  s = build(cap)
   ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"))
   ckpt.save(1, jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), s.abstract_state))
   ckpt.close()
@@ -273,7 +273,7 @@ def test_nan_batch_is_skipped_and_counted(tiny_config, tmp_path, monkeypatch):
   wd = str(tmp_path)
   cfg = _short(tiny_config)
   train.train(cfg, wd)
-  rows = {r["step"]: r for r in vlog.read_metrics(wd) if "train/loss" in r}
+  rows = {r["step"]: r for r in reporting.read_metrics(wd) if "train/loss" in r}
   assert [rows[i]["train/skipped_steps"] for i in (1, 2, 3)] == [0, 1, 0]
   assert np.isnan(rows[2]["train/loss"]) and np.isfinite(rows[3]["train/loss"])
   s1, s2, s3 = (_restore(wd, i) for i in (1, 2, 3))
@@ -313,7 +313,7 @@ def test_sigint_stops_after_the_step_with_a_committed_checkpoint(tiny_config, tm
   cfg.checkpoint_every_steps = 10
   _at_step(monkeypatch, 2, lambda batch: (os.kill(os.getpid(), signal.SIGINT), batch)[1])
   before = signal.getsignal(signal.SIGINT)
-  with train.preemption.StopSignal() as stop:
+  with preemption.StopSignal() as stop:
     train.train(cfg, wd, stop)
   assert signal.getsignal(signal.SIGINT) is before
   out = capsys.readouterr().out
@@ -321,4 +321,4 @@ def test_sigint_stops_after_the_step_with_a_committed_checkpoint(tiny_config, tm
           f"to resume.\n") in out
   assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["2"]
   assert int(_restore(wd, 2)["step"]) == 2
-  assert [r["step"] for r in vlog.read_metrics(wd)] == [1, 2]
+  assert [r["step"] for r in reporting.read_metrics(wd)] == [1, 2]

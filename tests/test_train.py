@@ -8,9 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from vlm_jax import checkpoint, config, evaluate, logging as vlog, parallel, train
+from vlm_jax import checkpoint, config, init, parallel, reporting, train, workdir as workdir_lib
 from vlm_jax.data import pipeline
 from vlm_jax.errors import UserError
+from vlm_jax.runtime import build, restore_run
+from vlm_jax.step import make_train_step
 
 from conftest import REPO
 
@@ -40,8 +42,8 @@ def pre(data_dir, tmp_path_factory):
 def test_loss_falls_on_a_fixed_batch(tiny_config):
   cfg = tiny_config
   cfg.optimizer.warmup_steps, cfg.optimizer.schedule, cfg.optimizer.learning_rate = 1, "constant", 3e-3
-  s = train.build(cfg, devices=jax.devices()[:1])
-  step = train.make_train_step(s)
+  s = build(cfg, devices=jax.devices()[:1])
+  step = make_train_step(s)
   batch = _batch(cfg, 32)
   with s.context():
     state = s.init_state(jax.random.PRNGKey(0))
@@ -59,7 +61,7 @@ def test_checkpoint_resume_reproduces_uninterrupted_run(pre, tiny_config, tmp_pa
   shutil.copytree(full, cut)
   shutil.rmtree(cut / "checkpoints" / "4")
   train.train(cfg, str(cut))
-  s = train.build(cfg)
+  s = build(cfg)
   states = []
   for wd in (full, cut):
     ckpt = checkpoint.Checkpointer(str(wd / "checkpoints"))
@@ -68,9 +70,9 @@ def test_checkpoint_resume_reproduces_uninterrupted_run(pre, tiny_config, tmp_pa
       states.append(ckpt.restore(4, s.abstract_state))
     ckpt.close()
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), states[0], states[1])
-  steps = [r["step"] for r in vlog.read_metrics(str(cut)) if "train/loss" in r]
+  steps = [r["step"] for r in reporting.read_metrics(str(cut)) if "train/loss" in r]
   assert steps == [3, 4]  # the step-3 line logged before the "kill" is not duplicated
-  assert vlog.read_metrics(str(cut), clock=False) == vlog.read_metrics(str(full), clock=False)
+  assert reporting.read_metrics(str(cut), clock=False) == reporting.read_metrics(str(full), clock=False)
 
 
 def test_resume_onto_another_mesh_continues_the_run(pre, tiny_config, tmp_path):
@@ -84,7 +86,7 @@ def test_resume_onto_another_mesh_continues_the_run(pre, tiny_config, tmp_path):
   shutil.rmtree(cut / "checkpoints" / "4")
   cfg.mesh = "data=2,fsdp=2,tensor=2"
   train.train(cfg, str(cut))
-  s = train.build(cfg)
+  s = build(cfg)
   ckpt = checkpoint.Checkpointer(str(cut / "checkpoints"))
   with s.context():
     state = ckpt.restore(4, s.abstract_state)
@@ -92,7 +94,7 @@ def test_resume_onto_another_mesh_continues_the_run(pre, tiny_config, tmp_path):
   largest = max(jax.tree.leaves(state.params), key=lambda x: x.size)
   assert largest.sharding.mesh.shape == {"data": 2, "fsdp": 2, "tensor": 2}
   assert not largest.sharding.is_fully_replicated, largest.sharding
-  losses = [{r["step"]: r["train/loss"] for r in vlog.read_metrics(str(wd)) if "train/loss" in r} for wd in (pre, cut)]
+  losses = [{r["step"]: r["train/loss"] for r in reporting.read_metrics(str(wd)) if "train/loss" in r} for wd in (pre, cut)]
   assert sorted(losses[1]) == [3, 4]
   np.testing.assert_allclose([losses[1][k] for k in (3, 4)], [losses[0][k] for k in (3, 4)], atol=1e-5, rtol=0)
 
@@ -106,23 +108,23 @@ def test_a_run_from_a_bigger_mesh_restores_here_for_evaluation_and_export(pre, t
   recorded = json.loads((wd / "config.json").read_text())
   recorded["mesh"] = "data=4,fsdp=8,tensor=1"
   (wd / "config.json").write_text(json.dumps(recorded))
-  s, params, step = evaluate.restore_run(str(wd))
+  s, params, step = restore_run(str(wd))
   assert step == 4 and dict(s.mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
   assert "the run's mesh 'data=4,fsdp=8,tensor=1' does not fit the 8 device(s) here" in capsys.readouterr().err
-  _, reference, _ = evaluate.restore_run(str(pre))
+  _, reference, _ = restore_run(str(pre))
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, reference)
-  s, _, _ = evaluate.restore_run(str(wd), mesh="data=2,fsdp=2,tensor=2")
+  s, _, _ = restore_run(str(wd), mesh="data=2,fsdp=2,tensor=2")
   assert dict(s.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2} and not capsys.readouterr().err
 
 
 def test_resume_with_another_batch_size_or_seed_says_where_the_input_resumes(tiny_config, tmp_path, capsys):
   cfg = tiny_config
   (tmp_path / "config.json").write_text(config.to_json(cfg))
-  train._note_changed_input(str(tmp_path), cfg, 40)
+  workdir_lib.note_changed_input(str(tmp_path), cfg, 40)
   assert capsys.readouterr().err == ""
   old_batch = cfg.batch_size
   cfg.batch_size, cfg.seed = old_batch // 2, cfg.seed + 1
-  train._note_changed_input(str(tmp_path), cfg, 40)
+  workdir_lib.note_changed_input(str(tmp_path), cfg, 40)
   err = capsys.readouterr().err
   assert (f"batch_size is {old_batch // 2}, the run that saved step 40 used {old_batch}: the input resumes at "
           f"example {40 * old_batch // 2} of the shuffled stream, not at {40 * old_batch}") in err
@@ -146,37 +148,37 @@ def test_batch_not_divisible_by_data_shards_is_clear(tiny_config):
   cfg = tiny_config
   cfg.batch_size = 12
   with pytest.raises(UserError, match="batch_size=12 is not divisible by the 8 data-parallel shards"):
-    train.build(cfg, devices=jax.devices()[:8])
+    build(cfg, devices=jax.devices()[:8])
 
 
 def test_init_from_other_run_resizes_position_embedding(pre, tiny_config, tmp_path):
   cfg = _short(tiny_config)
   ckpt = checkpoint.Checkpointer(str(pre / "checkpoints"))
-  s = train.build(cfg)
+  s = build(cfg)
   with s.context():
     source = ckpt.restore(4, s.abstract_state).params  # the latest step, which init_from reads
   ckpt.close()
   cfg.input.image_size = 48  # 6x6 patches instead of 4x4
-  s48 = train.build(cfg)
+  s48 = build(cfg)
   with s48.context():
     fresh = s48.init_state(jax.random.PRNGKey(0)).params
-  params, copied = checkpoint.load_params(str(pre), fresh, include="^encoder/|pos_embedding")
+  params, copied = init.load_params(str(pre), fresh, include="^encoder/|pos_embedding")
   assert "pos_embedding" in copied and not any(p.startswith("head/") for p in copied)
   assert params["pos_embedding"].shape == (1, 36, 32)
   np.testing.assert_array_equal(params["encoder"]["norm"]["scale"], np.asarray(source["encoder"]["norm"]["scale"]))
   np.testing.assert_array_equal(params["head"]["kernel"], np.asarray(fresh["head"]["kernel"]))
   with pytest.raises(UserError, match="does not exist"):
-    checkpoint.load_params(str(tmp_path / "nothing"), fresh)
+    init.load_params(str(tmp_path / "nothing"), fresh)
 
   # The classifier's encoder as a captioner's image tower: source paths get the 'img/' prefix.
   cap = config.load(os.path.join(REPO, "configs/cappa_shapes.py:tiny"))
   cap.data_dir = cfg.data_dir
-  sc = train.build(cap)
+  sc = build(cap)
   with sc.context():
     fresh = sc.init_state(jax.random.PRNGKey(0)).params
   with pytest.raises(UserError, match="init_prefix"):
-    checkpoint.load_params(str(pre), fresh, include="^img/encoder/")
-  params, copied = checkpoint.load_params(str(pre), fresh, "^img/encoder/", prefix="img/")
+    init.load_params(str(pre), fresh, include="^img/encoder/")
+  params, copied = init.load_params(str(pre), fresh, "^img/encoder/", prefix="img/")
   assert copied and all(p.startswith("img/encoder/") for p in copied)
   jax.tree.map(np.testing.assert_array_equal, params["img"]["encoder"], jax.device_get(source["encoder"]))
 
@@ -194,7 +196,7 @@ def test_finetune_with_frozen_encoder_keeps_it_bitwise(pre, tiny_config, tmp_pat
   for name, wd, step in (("ft", tmp_path / "ft", 2), ("pre", pre, 4)):
     if name == "pre":
       cfg.optimizer.freeze, cfg.optimizer.lr_multipliers = "", ""
-    s = train.build(cfg)
+    s = build(cfg)
     ckpt = checkpoint.Checkpointer(str(wd / "checkpoints"))
     with s.context():
       out[name] = jax.device_get(ckpt.restore(step, s.abstract_state).params)

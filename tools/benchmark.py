@@ -45,12 +45,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from vlm_jax import config as config_lib, decode, flops, optim, parallel, train  # noqa: E402
+from vlm_jax import config as config_lib, decode, flops, optim, parallel  # noqa: E402
 from vlm_jax.data import sources  # noqa: E402
 from vlm_jax.errors import UserError  # noqa: E402
 from vlm_jax.models.layers import ATTENTION  # noqa: E402
 from vlm_jax.models.precision import MATMUL  # noqa: E402
 from vlm_jax.models.vlm import Captioner  # noqa: E402
+from vlm_jax.runtime import build  # noqa: E402
+from vlm_jax.step import make_train_step  # noqa: E402
 from tools import kernel_timing, torch_peers  # noqa: E402
 
 
@@ -104,8 +106,8 @@ def _vit_step(a):
   the trainer's jitted step on a fixed batch. The task's ViT runs the last block for the class token
   alone (`ViT.pooled_only`); HF's computes every token, so the peer's count is the full model's."""
   cfg = _vit_config(a)
-  s = train.build(cfg, sources.DataInfo("synthetic", 1000, None, {}, ()), devices=jax.devices()[:1])
-  step = train.make_train_step(s)
+  s = build(cfg, sources.DataInfo("synthetic", 1000, None, {}, ()), devices=jax.devices()[:1])
+  step = make_train_step(s)
   rng = np.random.default_rng(0)
   batch = {"image": rng.standard_normal((a.batch, a.image_size, a.image_size, 3), np.float32),
            "label": rng.integers(0, 1000, a.batch).astype(np.int32)}
@@ -280,9 +282,9 @@ def bench_compile(a):
     row = {"depth": depth}
     for scan in (True, False):
       a.depth = depth
-      s = train.build(_vit_config(a, scan), sources.DataInfo("synthetic", 1000, None, {}, ()),
-                      devices=jax.devices()[:1])
-      step = train.make_train_step(s)
+      s = build(_vit_config(a, scan), sources.DataInfo("synthetic", 1000, None, {}, ()),
+                devices=jax.devices()[:1])
+      step = make_train_step(s)
       batch = {"image": jax.ShapeDtypeStruct((a.batch, a.image_size, a.image_size, 3), jnp.float32),
                "label": jax.ShapeDtypeStruct((a.batch,), jnp.int32)}
       with s.context():
@@ -307,7 +309,7 @@ def bench_input(a):
     cfg = config_lib.load(recipe)
     if a.data_dir:
       cfg.data_dir = a.data_dir
-    s = train.build(cfg, devices=jax.devices()[:1])
+    s = build(cfg, devices=jax.devices()[:1])
     tok = getattr(s.task, "tokenizer", None)
     batches = pipeline.train_batches(cfg.input, cfg.data_dir, cfg.seed, cfg.batch_size, 0, tokenizer=tok)
     first = next(batches)
@@ -315,7 +317,7 @@ def bench_input(a):
     for _ in range(a.batches):
       next(batches)
     input_ips = a.batches * cfg.batch_size / (time.perf_counter() - t)
-    step = train.make_train_step(s)
+    step = make_train_step(s)
     with s.context():
       state = s.init_state(jax.random.PRNGKey(0))
       gb = parallel.shard_batch(first, s.mesh)

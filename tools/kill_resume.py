@@ -84,8 +84,8 @@ def final_state(workdir: str) -> dict:
 
 
 def metric_rows(workdir: str) -> list:
-  from vlm_jax import logging as vlog
-  return vlog.read_metrics(workdir, clock=False)
+  from vlm_jax import reporting
+  return reporting.read_metrics(workdir, clock=False)
 
 
 def reference_run(root: str, data_dir: str, cache_dir: str) -> dict:

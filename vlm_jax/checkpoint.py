@@ -8,26 +8,26 @@ Damage: a save killed midway stays as `STEP.orbax-checkpoint-tmp`, which Orbax n
 A finalized step whose files are damaged fails only when restored: `restore_latest` warns and
 falls back to the next older step, and moves the damaged one aside to `STEP.damaged` (nothing
 is deleted) so that the resumed run can save that step again. When no step restores, it is one
-error naming the directory. Orbax's keep-N deletes old steps only after the new one committed
-(also with async saves), so the last good checkpoint survives a crash or a failed save; a
-failed save (disk full, permissions) becomes one error naming the step and the step kept.
-One training run per workdir at a time (`WorkdirLock`).
+error naming the directory. The reads a failed restore abandoned report their errors later, from
+other threads; the fallback filters exactly those echoes out of the process's unraisable-exception
+hook and asyncio logger (`_quiet_abandoned_reads`, the one process-wide change made here).
+Orbax's keep-N deletes old steps only after the new one committed (also with async saves), so the
+last good checkpoint survives a crash or a failed save; a failed save (disk full, permissions)
+becomes one error naming the step and the step kept.
 """
 
 import errno
-import fcntl
-import json
 import logging
 import os
-import socket
 import sys
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from vlm_jax.errors import UserError
 from vlm_jax.optim import param_path
+from vlm_jax.workdir import recorded_config
 
 
 def _type_handlers():
@@ -110,7 +110,6 @@ class Checkpointer:
           dst, i = f"{src}.damaged{i}", i + 1
         os.rename(src, dst)
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("damaged checkpoints set aside")
     self.manager.reload()
 
@@ -233,160 +232,3 @@ def _quiet_abandoned_reads() -> None:
 def _warn(text: str) -> None:
   if jax.process_index() == 0:
     print(f"warning: {text}", file=sys.stderr, flush=True)
-
-
-class WorkdirLock:
-  """An exclusive lock on WORKDIR/.vlm_jax.lock for as long as a training run lives (taken by
-  process 0). Two runs in one workdir (a command started twice, a job requeued while the old one
-  still runs) would save the same steps over each other and interleave their metrics; the second
-  is refused with one error naming the first. The kernel drops the lock when its holder exits,
-  however it ends (SIGKILL too), so a crashed run never leaves a stale one behind."""
-
-  def __init__(self, workdir: str, enabled: bool = True):
-    self.workdir, self.enabled, self.file = workdir, enabled, None
-
-  def __enter__(self):
-    if not self.enabled:
-      return self
-    f = open(os.path.join(self.workdir, ".vlm_jax.lock"), "a+")
-    try:
-      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      f.seek(0)
-      holder = f.read().strip() or "another process"
-      f.close()
-      raise UserError(f"another training run is using workdir '{self.workdir}' ({holder}); two runs in one "
-                      f"workdir would overwrite each other's checkpoints. Wait for it to end or stop it, or "
-                      f"choose another --workdir.") from None
-    except OSError:  # a filesystem without locks: run unguarded rather than not at all
-      f.close()
-      return self
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    f.flush()
-    self.file = f
-    return self
-
-  def __exit__(self, *exc):
-    if self.file is not None:
-      fcntl.flock(self.file, fcntl.LOCK_UN)
-      self.file.close()
-      self.file = None
-
-
-def recorded_config(workdir: str) -> dict:
-  """WORKDIR/config.json as the last run there wrote it (a plain dict), or {} when it is missing or
-  unreadable: for messages about what that run did, never for building anything."""
-  try:
-    with open(os.path.join(workdir, "config.json")) as f:
-      d = json.load(f)
-  except (OSError, ValueError):
-    return {}
-  return d if isinstance(d, dict) else {}
-
-
-def local_dir(path: str, flag: str) -> str:
-  """The absolute form of a directory the user named with `flag`. A URL (gs://, s3://, ...) is
-  refused: the workdir's files (metrics appended line by line, the lock, pictures) are written
-  through the local file system, and os.path would have turned 'gs://b/run' into a local 'gs:/b/run'
-  that trains and then fails at its first save."""
-  if "://" in path:
-    raise UserError(f"{flag} '{path}' is a URL; vlm_jax reads and writes it through the local file system. "
-                    f"Mount the bucket and pass the mount path (e.g. `gcsfuse BUCKET /gcs/BUCKET` on every "
-                    f"host, then {flag} /gcs/BUCKET/...), or use a shared file system (NFS, Filestore).")
-  return os.path.abspath(os.path.expanduser(path))
-
-
-def check_writable(*directories) -> None:
-  """Raises UserError unless a file can be created in each existing directory (before training)."""
-  for d in directories:
-    if not os.path.isdir(d):
-      continue
-    probe = os.path.join(d, f".write_probe_{os.getpid()}")
-    try:
-      with open(probe, "w"):
-        pass
-      os.remove(probe)
-    except OSError as e:
-      raise UserError(f"'{d}' is not writable ({e.strerror}); checkpoints and metrics could not be saved. "
-                      f"Fix its permissions or choose another --workdir.") from None
-
-
-def abstract_like(tree, shardings):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, shardings)
-
-
-def _square(n: int) -> bool:
-  return n > 0 and int(round(np.sqrt(n))) ** 2 == n
-
-
-def _checkpoint_params(spec: str) -> dict:
-  """{param path: numpy array} of a workdir's checkpoint; `spec` is 'WORKDIR' or 'WORKDIR:STEP'."""
-  path, _, step = spec.rpartition(":") if spec.rpartition(":")[2].isdigit() else (spec, "", "")
-  directory = os.path.join(local_dir(path, "init_from"), "checkpoints")
-  if not os.path.isdir(directory):
-    raise UserError(f"init_from='{spec}': '{directory}' does not exist. Point init_from at the workdir "
-                    f"of an earlier run (optionally WORKDIR:STEP), or at a Hugging Face folder as 'hf:PATH'.")
-  source = Checkpointer(directory, async_save=False)
-  step = int(step) if step else source.latest_step()
-  if step is None or step not in source.manager.all_steps():
-    raise UserError(f"init_from='{spec}': no such checkpoint in {directory} "
-                    f"(steps: {sorted(source.manager.all_steps()) or 'none'}).")
-  saved = source.restore_host(step)
-  source.close()
-  return {param_path(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(saved["params"])[0]}
-
-
-def _hf_params(spec: str, target) -> dict:
-  """{param path: numpy array} read from a local Hugging Face folder ('hf:PATH'), shaped by `target`."""
-  from vlm_jax.hf.load import params_from_hf
-
-  tree = params_from_hf(os.path.expanduser(spec[len(HF_PREFIX):]), target)
-  return {param_path(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-HF_PREFIX = "hf:"
-
-
-def load_params(spec: str, target: dict, include: str = ".*", prefix: str = "") -> tuple[dict, list]:
-  """Initialises `target` params from another run ('WORKDIR' or 'WORKDIR:STEP') or from a local
-  Hugging Face model folder ('hf:PATH': ViT, SigLIP vision, or a VisionEncoderDecoderModel we exported).
-
-  The source's parameter paths get `prefix` prepended (e.g. 'img/' places a classification run's
-  ViT as a captioner's image tower).
-  Parameters whose path matches `include` and exists in the source with the same shape are
-  copied; a position embedding of another length (another resolution) is resized bilinearly;
-  the rest keeps its fresh initialisation. Returns (params as numpy, list of copied paths).
-  """
-  import re
-
-  from vlm_jax.models.vit import resize_posemb
-
-  target = jax.device_get(target)
-  flat = _hf_params(spec, target) if spec.startswith(HF_PREFIX) else _checkpoint_params(spec)
-  flat = {prefix + k: v for k, v in flat.items()}
-  rx, copied = re.compile(include), []
-
-  def pick(p, x):
-    name, x = param_path(p), np.asarray(x)
-    if not rx.search(name) or name not in flat:
-      return x
-    src = flat[name]
-    if src.shape == x.shape:
-      copied.append(name)
-      return src.astype(x.dtype)
-    if name.endswith("pos_embedding") and src.ndim == 3 and src.shape[-1] == x.shape[-1]:
-      for n_prefix in (0, 1):
-        if _square(src.shape[1] - n_prefix) and _square(x.shape[1] - n_prefix):
-          copied.append(name)
-          return resize_posemb(src, x.shape[1], n_prefix).astype(x.dtype)
-    raise UserError(f"init_from='{spec}': parameter '{name}' is {src.shape} there but {x.shape} here. "
-                    f"Exclude it with --config.init_include (a regex of parameters to load).")
-  params = jax.tree_util.tree_map_with_path(pick, target)
-  if not copied:
-    raise UserError(f"init_from='{spec}': no parameter matched init_include='{include}' (source paths "
-                    f"look like '{next(iter(flat), '')}', this model's like "
-                    f"'{param_path(jax.tree_util.tree_flatten_with_path(target)[0][0][0])}'; "
-                    f"--config.init_prefix adds a prefix to the source's).")
-  return params, copied

@@ -8,11 +8,13 @@ spec, batch divisibility, value ranges) and raises `UserError` naming the key an
 """
 
 import difflib
+import importlib.util
 import json
 import os
 import re
 
 import ml_collections
+from absl import flags
 
 from vlm_jax.errors import UserError
 
@@ -96,8 +98,6 @@ def base_config() -> ml_collections.ConfigDict:
 
 def recipe_module(path: str):
   """The recipe file at `path` as a module (recipes build on each other through it)."""
-  import importlib.util
-
   if not os.path.exists(path):
     raise UserError(f"config file '{path}' does not exist.")
   mod_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
@@ -165,14 +165,11 @@ DECODERS = ("greedy", "beam", "sample")
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
-  """Raises UserError for a config that cannot run (independent of the devices present)."""
-  from vlm_jax import tasks  # local: tasks import models, which config must not need
-
+  """Raises UserError for a config that cannot run (independent of the devices present and of the
+  task: `tasks.module` refuses an unknown task name)."""
   for key in REQUIRED:
     if key not in cfg or cfg[key] in ("", None):
       raise UserError(f"config: required key '{key}' is missing or empty; set it in the recipe or with --config.{key}=...")
-  if cfg.task not in tasks.TASKS:
-    raise UserError(f"config: unknown task '{cfg.task}'.{nearest(cfg.task, tasks.TASKS)} Known tasks: {', '.join(sorted(tasks.TASKS))}.")
   for key in ("total_steps", "batch_size", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
               "keep_checkpoints"):
     if not isinstance(cfg[key], int) or cfg[key] <= 0:
@@ -215,8 +212,6 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 
 def parse_argv(flag_values, argv) -> None:
   """Parses command-line flags; config mistakes (unknown key, wrong type, bad file) become UserError."""
-  from absl import flags
-
   try:
     flag_values(argv)
     if "config" in flag_values and flag_values.config is not None:

@@ -1,100 +1,86 @@
-"""python -m vlm_jax.evaluate --workdir DIR [--step N] [--mesh M]
+"""Evaluation: the loop over `evals.splits` that the trainer calls, and its CLI.
 
-Restores a checkpoint of DIR (the latest, or step N) with the run's own config.json (on the run's
+`evaluate(runtime, params, step)` runs the task's evaluators on every split and returns the
+metrics named `SPLIT/METRIC` (`test/accuracy`, ...); tasks whose metrics need every example
+(`collects_predictions`) have their predictions gathered to the host.
+
+python -m vlm_jax.evaluate --workdir DIR [--step N] [--mesh M]
+restores a checkpoint of DIR (the latest, or step N) with the run's own config.json (on the run's
 mesh where this host's devices can form it, else FSDP over them, or on --mesh), runs the
 task's evaluators on `evals.splits`, prints the metrics and appends them to DIR/metrics.jsonl
 under the same names training uses (`test/accuracy`, ...).
 """
 
-import json
 import os
 import sys
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import flags
+from jax.experimental import multihost_utils
 
-from vlm_jax import checkpoint, config as config_lib, logging as vlog, parallel, train
-from vlm_jax.data.sources import DataInfo
-from vlm_jax.errors import UserError, run_cli
+from vlm_jax import config as config_lib, parallel, reporting, workdir as workdir_lib
+from vlm_jax.data import pipeline
+from vlm_jax.errors import run_cli
+from vlm_jax.runtime import FALLBACK_MESH, Runtime, restore_run
 
 FLAGS = flags.FLAGS
 
 
-def load_run_config(workdir: str):
-  """The run's resolved config, pinned to what its checkpoint needs: the workdir's tokenizer.json
-  (a tokenizer re-derived from changed data could map ids to other words), no init_from."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise UserError(f"'{workdir}' is not a training workdir: it has no config.json. "
-                    f"Pass the --workdir of a `python -m vlm_jax.train` run.")
-  with open(path) as f:
-    cfg = config_lib.from_json(f.read())
-  with cfg.unlocked():
-    if os.path.exists(os.path.join(workdir, "tokenizer.json")):
-      cfg.input.tokenizer = os.path.join(workdir, "tokenizer.json")
-    cfg.init_from = ""
-  return cfg
+def evaluate(runtime: Runtime, params, step: int, workdir: str = None) -> dict:
+  """Runs the task's evaluation on every split of `evals.splits`; returns {'SPLIT/METRIC': value}.
+  With `workdir`, the first batch's predictions are drawn to WORKDIR/pictures/SPLIT_STEP.png."""
+  cfg, task = runtime.cfg, runtime.task
+  local = cfg.evals.batch_size // runtime.host.count
+  eval_step = jax.jit(task.eval_fn)
+  predict = jax.jit(task.predict_fn)
+  tok = getattr(task, "tokenizer", None)
+  results = {}
+  for split in [x.strip() for x in cfg.evals.splits.split(",") if x.strip()]:
+    _, batches = pipeline.eval_batches(cfg.input, cfg.data_dir, split, local, runtime.host, tok)
+    sums, records = None, []
+    for i, batch in enumerate(batches):
+      with runtime.context():
+        gb = parallel.shard_batch(batch, runtime.mesh)
+        out = eval_step(params, gb)
+        sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+        picture = i == 0 and workdir and cfg.evals.pictures
+        preds = predict(params, gb) if task.collects_predictions or picture else None
+      if task.collects_predictions:
+        fields = {k: gb[k] for k in (*task.text_fields, "_mask")}
+        records += task.collect(*_gather(fields, preds))
+      if picture:
+        _draw(runtime, gb, preds, os.path.join(workdir, "pictures", f"{split}_{step:07d}.png"))
+    for k, v in task.summarize(jax.device_get(sums), records).items():
+      results[f"{split}/{k}"] = v
+  return results
 
 
-FALLBACK_MESH = "data=1,fsdp=-1,tensor=1"
+def _gather(*trees):
+  """Global (sharded) arrays -> numpy on every process."""
+  return [jax.tree.map(np.asarray, multihost_utils.process_allgather(t, tiled=True)) for t in trees]
 
 
-def mesh_here(run_mesh: str, mesh: str = None) -> str:
-  """The mesh to restore a run onto: `mesh` if given; else the run's own where this host's devices
-  can form it; else FSDP over all of them. A run trained on a pod slice (say fsdp=256) can so be
-  evaluated, predicted with or exported on a workstation, its parameters split over what is here."""
-  if mesh:
-    return mesh
-  try:
-    parallel.mesh_shape(run_mesh, jax.device_count())
-    return run_mesh
-  except UserError:
-    if jax.process_index() == 0:
-      print(f"note: the run's mesh '{run_mesh}' does not fit the {jax.device_count()} device(s) here; "
-            f"restoring onto '{FALLBACK_MESH}' (choose another with --mesh).", file=sys.stderr, flush=True)
-    return FALLBACK_MESH
-
-
-def restore_run(workdir: str, step=None, edit=None, recorded_data: bool = True, mesh: str = None):
-  """(Setup, params, step) of a training workdir at `step` (default: the latest checkpoint).
-
-  The config is the run's own (`load_run_config`), changed by `edit(cfg)` if given, on `mesh_here`'s
-  mesh; with `recorded_data` the dataset facts come from the workdir's data_info.json, so no
-  dataset is needed.
-  """
-  workdir = checkpoint.local_dir(workdir, "--workdir")
-  cfg = load_run_config(workdir)
-  with cfg.unlocked():
-    if edit:
-      edit(cfg)
-    cfg.mesh = mesh_here(cfg.mesh, mesh)
-  info_path = os.path.join(workdir, "data_info.json")
-  info = None
-  if recorded_data and os.path.exists(info_path):
-    with open(info_path) as f:
-      info = DataInfo(**json.load(f))
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-  steps = sorted(ckpt.manager.all_steps())
-  step = ckpt.latest_step() if step is None else step
-  if step is None or step not in steps:
-    ckpt.close()
-    raise UserError(f"no checkpoint{'' if step is None else f' at step {step}'} in {ckpt.directory} "
-                    f"(steps: {steps or 'none'}); train first with `python -m vlm_jax.train`.")
-  s = train.build(cfg, data_info=info)
-  with s.context():
-    params = ckpt.restore(step, s.abstract_state).params
-  ckpt.close()
-  return s, params, step
+def _draw(runtime: Runtime, batch, preds, path):
+  n = runtime.cfg.evals.pictures
+  batch, preds = _gather(batch, preds)
+  if jax.process_index() == 0:
+    take = lambda t: jax.tree.map(lambda x: x[:n], t)
+    items = runtime.task.draw(take(batch), take(preds))
+    reporting.draw_grid(items, path, runtime.cfg.input.mean, runtime.cfg.input.std)
 
 
 def evaluate_workdir(workdir: str, step=None, data_dir=None, mesh=None) -> dict:
-  workdir = checkpoint.local_dir(workdir, "--workdir")
+  """Evaluates checkpoint `step` (default: the latest) of `workdir`; prints the metrics and appends
+  them to its metrics.jsonl."""
+  workdir = workdir_lib.local_dir(workdir, "--workdir")
 
   def edit(cfg):
     cfg.data_dir = data_dir or cfg.data_dir
-  s, params, step = restore_run(workdir, step, edit, recorded_data=False, mesh=mesh)
-  results = train.evaluate(s, params, step, workdir)
-  writer = vlog.MetricsWriter(workdir, enabled=jax.process_index() == 0)
+  runtime, params, step = restore_run(workdir, step, edit, recorded_data=False, mesh=mesh)
+  results = evaluate(runtime, params, step, workdir)
+  writer = reporting.MetricsWriter(workdir, enabled=jax.process_index() == 0)
   writer.write(step, results)
   writer.close()
   for k, v in sorted(results.items()):

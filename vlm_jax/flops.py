@@ -12,6 +12,7 @@ f32 matmul peak is measured once by a short jitted matmul and split evenly over 
 (simulated CPU devices share the cores). `peak_tflops` in the config overrides both.
 """
 
+import dataclasses
 import functools
 import time
 
@@ -137,14 +138,24 @@ def peak_flops_per_device(override_tflops: float = 0.0, device=None, dtype_mm: s
   return None
 
 
-def throughput(examples_per_s: float, flops_per_example: int, tokens: int, num_devices: int, peak) -> dict:
+@dataclasses.dataclass(frozen=True)
+class StepCost:
+  """The constants behind a log line's throughput figures: one example's training FLOPs and
+  tokens, the devices sharing the batch, and one device's peak FLOP/s (None: unknown, no MFU)."""
+  flops_per_example: float
+  tokens_per_example: int
+  num_devices: int
+  peak_flops_per_device: float | None
+
+
+def throughput(examples_per_s: float, cost: StepCost) -> dict:
   """The figures of a train log line beyond images/s: tokens/s, TFLOP/s per device, MFU."""
   out = {}
-  if tokens:
-    out["tokens_per_s"] = examples_per_s * tokens
-  if flops_per_example:
-    per_device = examples_per_s * flops_per_example / num_devices
+  if cost.tokens_per_example:
+    out["tokens_per_s"] = examples_per_s * cost.tokens_per_example
+  if cost.flops_per_example:
+    per_device = examples_per_s * cost.flops_per_example / cost.num_devices
     out["tflops_per_device"] = per_device / 1e12
-    if peak:
-      out["mfu"] = per_device / peak
+    if cost.peak_flops_per_device:
+      out["mfu"] = per_device / cost.peak_flops_per_device
   return out

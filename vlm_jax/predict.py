@@ -19,7 +19,7 @@ from vlm_jax import config as config_lib, parallel
 from vlm_jax.data import preprocess
 from vlm_jax.data.builders import folder_scan
 from vlm_jax.errors import UserError, run_cli
-from vlm_jax.evaluate import restore_run
+from vlm_jax.runtime import restore_run
 
 FLAGS = flags.FLAGS
 
@@ -51,8 +51,8 @@ def predict(workdir: str, paths: list, question: str = "", step=None, mesh=None)
         raise UserError(f"--question needs a captioning/VQA run; '{workdir}' trained task '{cfg.task}'.")
       cfg.input.text = "qa"
       cfg.evals.decode_len = cfg.evals.decode_len or 8  # answers are short; keeps prompt + answer in range
-  s, params, step = restore_run(workdir, step, edit, mesh=mesh)
-  cfg = s.cfg
+  runtime, params, step = restore_run(workdir, step, edit, mesh=mesh)
+  cfg = runtime.cfg
 
   results, images = [], []
   for p in paths:
@@ -62,22 +62,22 @@ def predict(workdir: str, paths: list, question: str = "", step=None, mesh=None)
     except ValueError as e:
       results.append([p, None, f"error: cannot read image: {e}"])
   if images:
-    texts = _run(s, params, np.stack(images), question)
+    texts = _predict_images(runtime, params, np.stack(images), question)
     for r, text in zip([r for r in results if r[2] is None], texts):
       r[1] = text
   return [tuple(r) for r in results]
 
 
-def _run(s, params, images, question):
-  shards = parallel.data_shards(s.mesh)
+def _predict_images(runtime, params, images, question):
+  shards = parallel.data_shards(runtime.mesh)
   n = len(images)
   pad = (-n) % shards
   batch = {"image": np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])}
-  task = s.task
+  task = runtime.task
   if question:
-    batch["prompt"], _ = task.tokenizer.prompt_sequences([question] * len(batch["image"]), s.cfg.input.max_len)
-  with s.context():
-    preds = jax.jit(task.predict_fn)(params, parallel.shard_batch(batch, s.mesh))
+    batch["prompt"], _ = task.tokenizer.prompt_sequences([question] * len(batch["image"]), runtime.cfg.input.max_len)
+  with runtime.context():
+    preds = jax.jit(task.predict_fn)(params, parallel.shard_batch(batch, runtime.mesh))
   preds = jax.tree.map(np.asarray, jax.device_get(preds))
   return task.format(preds)[:n]
 

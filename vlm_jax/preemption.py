@@ -17,7 +17,10 @@ import os
 import signal
 import threading
 
+import jax
 import numpy as np
+from jax._src import distributed
+from jax.experimental import multihost_utils
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -41,8 +44,6 @@ class StopSignal:
     self._previous = {}
 
   def _handle(self, signum, frame):
-    import jax
-
     if self.received is None:
       self.received = signal.Signals(signum).name
     signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))  # a second one acts at once
@@ -51,12 +52,8 @@ class StopSignal:
 
   def requested(self, step: int) -> bool:
     """True on every process at the same step once any process got a signal. Call every step."""
-    import jax
-
     if jax.process_count() == 1:
       return self.received is not None
-    from jax.experimental import multihost_utils
-
     if _sync_manager() is not None:
       if multihost_utils.reached_preemption_sync_point(step):
         self.received = self.received or "SIGTERM"
@@ -70,6 +67,4 @@ class StopSignal:
 
 
 def _sync_manager():
-  from jax._src import distributed
-
   return distributed.global_state.preemption_sync_manager

@@ -16,10 +16,11 @@ from PIL import Image
 
 import jax
 
-from vlm_jax import config, train
-from vlm_jax.data import pipeline, run_tokenizer, sources, tokenizer as tokenizer_lib
+from vlm_jax import config
+from vlm_jax.data import pipeline, sources, tokenizer as tokenizer_lib, tokenizer_source
 from vlm_jax.data.builders import folder, folder_scan
 from vlm_jax.errors import UserError
+from vlm_jax.runtime import build
 
 from conftest import REPO
 
@@ -197,9 +198,9 @@ def test_jsonl_captions_and_qa_feed_captioning_and_vqa_pipelines(tmp_path, caplo
   assert [c.decode() for c in ex["img/01.png"]["caption"]] == ["a green square", "another reference"]
   assert [q.decode() for q in ex["img/02.png"]["qa"]["question"]] == ["what color is it?", "q?"]
 
-  tok = run_tokenizer.tokenizer_for_dataset(f"folder:{root}", dd, vocab_size=64)
+  tok = tokenizer_source.tokenizer_for_dataset(f"folder:{root}", dd, vocab_size=64)
   assert tok.decode(tok.encode("a green square")) == "a green square"
-  assert os.path.dirname(run_tokenizer.cache_path(builder, 64)) == builder.data_dir  # cached with the data
+  assert os.path.dirname(tokenizer_source.cache_path(builder, 64)) == builder.data_dir  # cached with the data
   cfg = config.load(os.path.join(REPO, "configs/cappa_shapes.py:tiny"))
   inp = cfg.input
   inp.data, inp.image_size, inp.max_len, inp.vocab_size = f"folder:{root}", 16, 12, 64
@@ -207,7 +208,7 @@ def test_jsonl_captions_and_qa_feed_captioning_and_vqa_pipelines(tmp_path, caplo
   assert batch["image"].shape == (4, 16, 16, 3) and batch["tokens"].shape == (4, 12)
   assert (batch["tokens"][:, 0] == tok.bos_id).all()
   cfg.data_dir, cfg.model.encoder.patch_size, cfg.evals.splits = dd, 8, "test"
-  s = train.build(cfg, devices=jax.devices()[:1])  # the captioning recipe, unchanged but for the data
+  s = build(cfg, devices=jax.devices()[:1])  # the captioning recipe, unchanged but for the data
   assert s.task.tokenizer.vocab_size == tok.vocab_size and s.data_info.splits == {"train": 9, "test": 3}
   with s.context():  # the loss traces with this batch (compiling a step would cost ~15 s of CPU)
     loss, _ = jax.eval_shape(s.task.loss_fn, s.abstract_state.params, batch, jax.random.PRNGKey(0))

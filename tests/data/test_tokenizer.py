@@ -8,9 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-from vlm_jax.data import run_tokenizer, tokenizer as T
+from vlm_jax.data import tokenizer as T, tokenizer_source
 from vlm_jax.data.builders import shapes_scene as S
 from vlm_jax.errors import UserError
+from vlm_jax.hf.tokenizer import hf_fast_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -203,7 +204,7 @@ def test_vqa_truncation_keeps_the_answer():
 
 
 def test_tokenizer_for_dataset_trains_once_and_caches(data_dir, monkeypatch):
-  tok = run_tokenizer.tokenizer_for_dataset("shapes/tiny", data_dir, vocab_size=500)
+  tok = tokenizer_source.tokenizer_for_dataset("shapes/tiny", data_dir, vocab_size=500)
   path = os.path.join(data_dir, "shapes", "tiny", "1.0.0", "tokenizer_wordpiece_v500.json")
   assert os.path.isfile(path)
   # Trained on the train split's captions, questions and answers.
@@ -216,17 +217,17 @@ def test_tokenizer_for_dataset_trains_once_and_caches(data_dir, monkeypatch):
   def no_training(*args, **kwargs):
     raise AssertionError("retrained although the tokenizer is cached")
   monkeypatch.setattr(T, "train_tokenizer", no_training)
-  again = run_tokenizer.tokenizer_for_dataset("shapes/tiny", data_dir, vocab_size=500)
+  again = tokenizer_source.tokenizer_for_dataset("shapes/tiny", data_dir, vocab_size=500)
   assert again.to_json() == tok.to_json()
   assert os.stat(path).st_mtime_ns == mtime
   # Another vocabulary size is another file.
   with pytest.raises(AssertionError, match="retrained"):
-    run_tokenizer.tokenizer_for_dataset("shapes/tiny", data_dir, vocab_size=501)
+    tokenizer_source.tokenizer_for_dataset("shapes/tiny", data_dir, vocab_size=501)
 
 
 def test_hf_fast_tokenizer_round_trip(tok, tmp_path):
   from transformers import AutoTokenizer
-  hf = T.hf_fast_tokenizer(tok)
+  hf = hf_fast_tokenizer(tok)
   hf.save_pretrained(str(tmp_path))
   loaded = AutoTokenizer.from_pretrained(str(tmp_path))
   c, q, a = _shapes_texts("validation", 10)

@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from tests.hf.helpers import IMAGE, images, make_run, random_params, torch_images  # noqa: E402
-from vlm_jax import checkpoint, decode  # noqa: E402
+from vlm_jax import decode, init  # noqa: E402
 from vlm_jax.data import tokenizer as tokenizer_lib  # noqa: E402
 from vlm_jax.hf import export  # noqa: E402
 from vlm_jax.models.vlm import Captioner  # noqa: E402
@@ -95,7 +95,7 @@ def test_greedy_generate_equals_ours_token_for_token(exported):
 
 def test_import_round_trip_is_bitwise(exported):
   zeros = jax.tree.map(np.zeros_like, exported.params)
-  back, copied = checkpoint.load_params(f"hf:{exported.out}", zeros)
+  back, copied = init.load_params(f"hf:{exported.out}", zeros)
   assert len(copied) == len(jax.tree.leaves(exported.params))
   jax.tree.map(np.testing.assert_array_equal, back, exported.params)
 
@@ -105,4 +105,4 @@ def test_import_into_a_decoder_of_another_size_fails(exported):
   target = random_params(other, images(), np.zeros((2, 4), np.int32))
   from vlm_jax.errors import UserError
   with pytest.raises(UserError, match=r"is a different size: its depth is 2, this config builds 1"):
-    checkpoint.load_params(f"hf:{exported.out}", target)
+    init.load_params(f"hf:{exported.out}", target)

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from tests.hf.helpers import IMAGE, images, make_run, random_params, torch_images  # noqa: E402
-from vlm_jax import checkpoint  # noqa: E402
+from vlm_jax import init  # noqa: E402
 from vlm_jax.data import tokenizer as tokenizer_lib  # noqa: E402
 from vlm_jax.errors import UserError  # noqa: E402
 from vlm_jax.hf import export, twotower  # noqa: E402
@@ -78,7 +78,7 @@ def test_embeddings_and_logits_match(exported):
 
 def test_import_round_trip(exported):
   zeros = jax.tree.map(np.zeros_like, exported.params)
-  back, copied = checkpoint.load_params(f"hf:{exported.out}", zeros)
+  back, copied = init.load_params(f"hf:{exported.out}", zeros)
   assert len(copied) == len(jax.tree.leaves(exported.params))
   if exported.kind == "siglip":
     jax.tree.map(np.testing.assert_array_equal, back, exported.params)

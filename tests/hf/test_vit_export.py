@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from tests.hf.helpers import IMAGE, images, make_run, random_params, torch_images  # noqa: E402
-from vlm_jax import checkpoint  # noqa: E402
+from vlm_jax import init  # noqa: E402
 from vlm_jax.errors import UserError  # noqa: E402
 from vlm_jax.hf import export, vit  # noqa: E402
 from vlm_jax.models.vit import ViT  # noqa: E402
@@ -60,7 +60,7 @@ def test_vit_export_matches_hf_and_round_trips(tmp_path, pool, classifier, scan,
   print(f"{hf_name} pool={pool}: max |ours - HF| = {diff:.2e}")
   assert diff <= 1e-4
 
-  back, copied = checkpoint.load_params(f"hf:{out}", jax.tree.map(np.zeros_like, params))
+  back, copied = init.load_params(f"hf:{out}", jax.tree.map(np.zeros_like, params))
   assert len(copied) == len(jax.tree.leaves(params))
   jax.tree.map(np.testing.assert_array_equal, back, params)
 
@@ -77,7 +77,7 @@ def test_import_hf_saved_vit_into_gap_model_at_another_resolution(tmp_path):
       p.add_(0.1 * torch.randn_like(p))
   hf.save_pretrained(str(tmp_path / "dino"))
   same = _model("cls", 0, True, False, 1e-12)
-  params, copied = checkpoint.load_params(f"hf:{tmp_path / 'dino'}", _init(same, 1))
+  params, copied = init.load_params(f"hf:{tmp_path / 'dino'}", _init(same, 1))
   x = np.random.default_rng(2).standard_normal((2, IMAGE, IMAGE, 3)).astype(np.float32)
   with torch.no_grad():
     ref = hf(pixel_values=torch_images(x)).last_hidden_state.numpy()
@@ -86,7 +86,7 @@ def test_import_hf_saved_vit_into_gap_model_at_another_resolution(tmp_path):
 
   gap = ViT(num_classes=3, pool="gap", scan_layers=False, ln_eps=1e-12, **ARCH)
   target = _init(gap, size=48)
-  params, copied = checkpoint.load_params(f"hf:{tmp_path / 'dino'}", target, include="^(embedding|encoder|pos)")
+  params, copied = init.load_params(f"hf:{tmp_path / 'dino'}", target, include="^(embedding|encoder|pos)")
   assert "pos_embedding" in copied and not any(c.startswith("head") for c in copied)
   assert params["pos_embedding"].shape == (1, 36, 32)
   saved = load_file(str(tmp_path / "dino" / "model.safetensors"))
@@ -111,10 +111,10 @@ def test_import_refuses_other_architectures_and_sizes(tmp_path):
   wider = ViT(num_classes=5, pool="cls", patch_size=8, width=64, depth=2, num_heads=4, mlp_dim=48)
   target = _init(wider)
   with pytest.raises(UserError, match=r"is a different size: its width is 32, this config builds 64"):
-    checkpoint.load_params(f"hf:{tmp_path / 'vit'}", target)
+    init.load_params(f"hf:{tmp_path / 'vit'}", target)
   gpt2 = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=11, n_positions=8)
   transformers.GPT2LMHeadModel(gpt2).save_pretrained(str(tmp_path / "gpt2"))
   with pytest.raises(UserError, match=r"model_type 'gpt2' cannot initialise this model"):
-    checkpoint.load_params(f"hf:{tmp_path / 'gpt2'}", params)
+    init.load_params(f"hf:{tmp_path / 'gpt2'}", params)
   with pytest.raises(UserError, match=r"has no config.json"):
-    checkpoint.load_params(f"hf:{tmp_path / 'nothing'}", params)
+    init.load_params(f"hf:{tmp_path / 'nothing'}", params)

@@ -6,9 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from vlm_jax import config, logging as vlog, parallel, train
+from vlm_jax import config, parallel, reporting, train
 from vlm_jax.data import pipeline, tokenizer as tokenizer_lib
 from vlm_jax.errors import UserError
+from vlm_jax.runtime import build
 
 from conftest import REPO
 
@@ -21,7 +22,7 @@ def _cfg(data_dir, recipe="cappa_shapes"):
 
 def test_parallel_prediction_changes_the_objective(data_dir):
   cfg = _cfg(data_dir)
-  s = train.build(cfg, devices=jax.devices()[:1])
+  s = build(cfg, devices=jax.devices()[:1])
   batch = next(pipeline.train_batches(cfg.input, data_dir, 0, 8, tokenizer=s.task.tokenizer))
   assert batch["tokens"][:, 0].tolist() == [s.task.tokenizer.bos_id] * 8
   with s.context():
@@ -42,7 +43,7 @@ def test_caption_then_vqa_finetune(data_dir, tmp_path):
   cap = str(tmp_path / "cap")
   results = train.train(cfg, cap)
   assert {"test/bleu4", "test/cider", "test/perplexity", "validation/bleu4"} <= set(results)
-  rows = [r for r in vlog.read_metrics(cap) if "train/loss" in r]
+  rows = [r for r in reporting.read_metrics(cap) if "train/loss" in r]
   assert rows[-1]["train/loss"] < rows[0]["train/loss"]
   assert os.path.exists(os.path.join(cap, "tokenizer.json"))
   assert os.listdir(os.path.join(cap, "pictures"))
@@ -52,7 +53,7 @@ def test_caption_then_vqa_finetune(data_dir, tmp_path):
   vqa.init_from, vqa.eval_every_steps = cap, vqa.total_steps
   results = train.train(vqa, str(tmp_path / "vqa"))
   assert 0.0 <= results["test/vqa_accuracy"] <= 1.0 and "test/perplexity" in results
-  rows = [r for r in vlog.read_metrics(str(tmp_path / "vqa")) if "train/loss" in r]
+  rows = [r for r in reporting.read_metrics(str(tmp_path / "vqa")) if "train/loss" in r]
   assert rows[-1]["train/loss"] < rows[0]["train/loss"]
 
   # A tokenizer other than the checkpoint's is refused, for init_from and for resuming.
@@ -61,7 +62,7 @@ def test_caption_then_vqa_finetune(data_dir, tmp_path):
   saved = open(os.path.join(cap, "tokenizer.json"), "rb").read()
   vqa.input.tokenizer = other
   with pytest.raises(UserError, match="does not match .*cap/tokenizer.json"):
-    train.build(vqa)
+    build(vqa)
   cfg.input.tokenizer, cfg.total_steps = other, cfg.total_steps + 2
   with pytest.raises(UserError, match="Resume with --config.input.tokenizer="):
     train.train(cfg, cap)

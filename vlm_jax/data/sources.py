@@ -49,13 +49,13 @@ def _is_embedded(name: str) -> bool:
 
 def open_source(name: str, data_dir: str, prepare: bool = True) -> tfds.core.DatasetBuilder:
   """Returns the prepared builder for `name` in `data_dir` (building embedded datasets if `prepare`)."""
-  import tensorflow_datasets as tfds
+  import tensorflow_datasets as tfds  # TensorFlow only where data is opened: DataInfo loads without it
 
   data_dir = os.path.expanduser(data_dir)
   if name.startswith(FOLDER_PREFIX):
     return _open_folder(name[len(FOLDER_PREFIX):], data_dir)
   if _is_embedded(name):
-    from vlm_jax.data.builders import shapes  # registers the builder
+    from vlm_jax.data.builders import shapes  # registers the builder; imports TensorFlow
     if prepare:
       try:
         return shapes.prepare(name, data_dir)
@@ -84,14 +84,14 @@ def _open_folder(path: str, data_dir: str) -> tfds.core.DatasetBuilder:
                     f"write --config.input.data=folder:/path/to/images.")
   key = (os.path.realpath(os.path.expanduser(path)), os.path.realpath(data_dir))
   if key not in _folders:
-    from vlm_jax.data.builders import folder
+    from vlm_jax.data.builders import folder  # imports TensorFlow
     _folders[key] = folder.prepare(path, data_dir)
   return _folders[key]
 
 
 def data_info(builder: tfds.core.DatasetBuilder, label_key: str = "label", needed_splits=()) -> DataInfo:
   """What the tasks need to know about a dataset; `needed_splits` must exist (checked before training)."""
-  import tensorflow_datasets as tfds
+  import tensorflow_datasets as tfds  # TensorFlow only where data is opened
 
   for split in filter(None, (s.strip() for s in needed_splits)):
     num_examples(builder, split)

@@ -1,8 +1,8 @@
-"""Text tokenizer: training, encoding/decoding, fixed-length sequences, HF export.
+"""Text tokenizer: training, encoding/decoding, fixed-length sequences.
 
 Owns everything between text and integer token arrays; no jax and no tensorflow here, so loading a
 tokenizer stays light. Which tokenizer a run uses (and training one on a dataset's texts) is
-`data.run_tokenizer`.
+`data.tokenizer_source`.
 
 `Tokenizer` wraps a Hugging Face `tokenizers.Tokenizer` whose vocabulary starts with the special
 tokens, in this order and at these ids when trained here:
@@ -51,7 +51,7 @@ from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 import tokenizers
-from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 from vlm_jax.errors import UserError
 
@@ -100,7 +100,7 @@ def _pipeline(backend: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
 class Tokenizer:
   """A `tokenizers.Tokenizer` with this project's special tokens and sequence helpers.
 
-  Build one with `train_tokenizer`, `Tokenizer.load` or `run_tokenizer.tokenizer_for_dataset`; the constructor
+  Build one with `train_tokenizer`, `Tokenizer.load` or `tokenizer_source.tokenizer_for_dataset`; the constructor
   takes a backend `tokenizers.Tokenizer` and checks that it holds all special tokens, <pad> at 0.
   """
 
@@ -392,22 +392,3 @@ def prompt_sequences(question_ids: Sequence[Sequence[int]], max_len: int, *,
     tokens[row, :len(seq)] = seq
     prompt_len[row] = len(seq)
   return tokens, prompt_len
-
-
-# -- Hugging Face export -------------------------------------------------------------------------
-def hf_fast_tokenizer(tok: Tokenizer):
-  """A `transformers.PreTrainedTokenizerFast` equal to `tok`, for `save_pretrained` next to a model.
-
-  bos/eos/pad/unk/mask/sep tokens are set (sep_token is our <sep>). Unlike `Tokenizer.encode`,
-  calling it adds the specials the models were trained with, `[BOS] text [EOS]`
-  (`add_special_tokens=False` gives exactly `tok.encode(text)`); `decode(...,
-  skip_special_tokens=True)` gives the same text as `tok.decode` for ids without EOS inside.
-  """
-  from transformers import PreTrainedTokenizerFast
-  backend = tokenizers.Tokenizer.from_str(tok.backend.to_str())
-  backend.post_processor = processors.TemplateProcessing(
-      single=f"{BOS} $A {EOS}", pair=f"{BOS} $A {SEP} $B {EOS}",
-      special_tokens=[(BOS, tok.bos_id), (EOS, tok.eos_id), (SEP, tok.sep_id)])
-  return PreTrainedTokenizerFast(
-      tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
-      mask_token=MASK, sep_token=SEP, padding_side="right", clean_up_tokenization_spaces=False)

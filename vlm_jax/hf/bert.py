@@ -26,6 +26,7 @@ import os
 
 import numpy as np
 import tokenizers
+from safetensors.numpy import load_file
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 from vlm_jax.data.tokenizer import write_atomic
@@ -81,7 +82,6 @@ def text_encoder_kwargs(config: dict) -> dict:
 
 
 def read_state_dict(hf_dir: str) -> dict:
-  from safetensors.numpy import load_file
   files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
   if not files:
     extra = " (it has only pytorch_model.bin, a pickle this project does not load: re-save it with " \

@@ -58,6 +58,7 @@ def state_dict(params) -> dict:
 
 def export(run, out: str) -> str:
   """Writes config.json, generation_config.json and model.safetensors for a captioning run."""
+  # transformers is heavy to import; only an export needs it
   from transformers import GenerationConfig, GPT2Config, SiglipVisionConfig, ViTConfig, VisionEncoderDecoderConfig
   task = run.task
   enc_kw, dec_kw = dict(task.model.encoder), dict(task.model.decoder)
@@ -89,20 +90,19 @@ def _defaults(module_cls) -> dict:
 def from_hf(config: dict, sd: dict, target: dict, where: str) -> dict:
   """VisionEncoderDecoderModel (ViT or SigLIP encoder, GPT-2 decoder) weights -> {"img", "txt"} params
   shaped like `target` (a Captioner's params)."""
-  from vlm_jax.hf import load  # load dispatches to this module
   dec_cfg = config.get("decoder", {})
   if dec_cfg.get("model_type") != "gpt2":
     raise UserError(f"{where}: the decoder is '{dec_cfg.get('model_type')}'; only a GPT-2 decoder "
                     "(add_cross_attention=True) maps onto our Decoder.")
   enc_sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
-  out = {"img": load.vision_from_hf(config.get("encoder", {}), enc_sd, target["img"], where)}
+  out = {"img": vit.vision_from_hf(config.get("encoder", {}), enc_sd, target["img"], where)}
   if "txt" not in target:
     return out
   t = target["txt"]
   blocks = unstacked_blocks(t)
   heads = int(np.shape(blocks[0]["self_attn"]["query_bias"])[0])
   vocab, width = np.shape(t["token_embed"]["embedding"])
-  load.check_sizes(where, {"width": dec_cfg.get("n_embd"), "depth": dec_cfg.get("n_layer"),
+  vit.check_sizes(where, {"width": dec_cfg.get("n_embd"), "depth": dec_cfg.get("n_layer"),
                            "num_heads": dec_cfg.get("n_head"), "vocab_size": dec_cfg.get("vocab_size")},
                    {"width": width, "depth": len(blocks), "num_heads": heads, "vocab_size": vocab})
   try:

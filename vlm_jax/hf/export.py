@@ -20,10 +20,10 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from vlm_jax.data.tokenizer import hf_fast_tokenizer
 from vlm_jax.errors import UserError
-from vlm_jax.evaluate import restore_run
 from vlm_jax.hf import captioner, files, twotower, vit
+from vlm_jax.hf.tokenizer import hf_fast_tokenizer
+from vlm_jax.runtime import restore_run
 
 FAMILIES = {
     "classification": vit,
@@ -47,12 +47,12 @@ def load_run(workdir: str, step=None, encoder_only: bool = False, mesh: str = No
   def exportable(cfg):  # checked before the model is built
     if cfg.task not in FAMILIES:
       raise UserError(f"task '{cfg.task}' has no Hugging Face export yet (exportable: {', '.join(FAMILIES)}).")
-  s, params, step = restore_run(workdir, step, edit=exportable, mesh=mesh)
-  cfg = s.cfg
+  runtime, params, step = restore_run(workdir, step, edit=exportable, mesh=mesh)
+  cfg = runtime.cfg
   if jax.process_count() > 1:
     params = multihost_utils.process_allgather(params, tiled=True)
   params = jax.tree.map(lambda x: np.asarray(x, np.float32), jax.device_get(params))
-  return Run(cfg, s.task, params, s.data_info.class_names, encoder_only), step
+  return Run(cfg, runtime.task, params, runtime.data_info.class_names, encoder_only), step
 
 
 def write(run: Run, out: str) -> str:

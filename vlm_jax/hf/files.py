@@ -10,8 +10,10 @@ import json
 import os
 
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
 from vlm_jax.errors import UserError
+from vlm_jax.workdir import local_dir
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -19,7 +21,6 @@ PIL_BILINEAR = 2  # PIL.Image.Resampling.BILINEAR, HF's `resample` code
 
 
 def save_weights(out: str, state_dict: dict) -> str:
-  from safetensors.numpy import save_file
   path = os.path.join(out, WEIGHTS)
   save_file({k: np.array(v, np.float32, order="C") for k, v in state_dict.items()}, path,  # 0-d stays 0-d
             metadata={"format": "pt"})
@@ -50,7 +51,6 @@ def image_processor_config(inp) -> dict:
 
 def prepare_out(out: str, overwrite: bool) -> str:
   """Checks the export folder: absent, empty, or (with overwrite) a folder we may replace files in."""
-  from vlm_jax.checkpoint import local_dir
   out = local_dir(out, "--out")
   if os.path.exists(out) and not os.path.isdir(out):
     raise UserError(f"--out '{out}' is a file, not a folder. Choose a folder path.")
@@ -61,7 +61,6 @@ def prepare_out(out: str, overwrite: bool) -> str:
 
 def read_model_folder(path: str) -> tuple[dict, dict]:
   """(config.json dict, {key: float32 array}) of a local HF model folder saved as safetensors."""
-  from safetensors.numpy import load_file
   path = os.path.abspath(os.path.expanduser(path))
   cfg_path = os.path.join(path, "config.json")
   if not os.path.isfile(cfg_path):

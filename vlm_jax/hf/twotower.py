@@ -29,10 +29,15 @@ position for those, which the recipes' max_len ensures). Import keeps the first 
 import json
 
 import numpy as np
+import tokenizers
 
 from vlm_jax.errors import UserError
 from vlm_jax.hf import files, vit
-from vlm_jax.hf.tree import f32
+from vlm_jax.hf.captioner import _defaults
+from vlm_jax.hf.tokenizer import hf_fast_tokenizer
+from vlm_jax.hf.tree import f32, unstacked_blocks
+from vlm_jax.models.text import TextEncoder
+from vlm_jax.models.vit import ViT
 
 HF_CLASS = {"siglip": "SiglipModel", "clip": "CLIPModel"}
 SWAP_KEY = "vlm_jax_token_swap"
@@ -138,10 +143,7 @@ def _swap_ids(state: dict, a: int, b: int) -> dict:
 
 def hf_tokenizer(tok, swap=None, max_len=None):
   """The HF fast tokenizer of `tok`, with the ids of `swap` exchanged and `model_max_length` = max_len."""
-  import tokenizers
-  from transformers import PreTrainedTokenizerFast
-
-  from vlm_jax.data.tokenizer import hf_fast_tokenizer
+  from transformers import PreTrainedTokenizerFast  # heavy to import; only an export needs it
   fast = hf_fast_tokenizer(tok)
   backend = fast.backend_tokenizer
   if swap:
@@ -161,11 +163,7 @@ def _text_config(txt: dict, vocab: int, ids: dict, act: str) -> dict:
 
 def export(run, out: str) -> str:
   """Writes config.json, model.safetensors and the tokenizer (CLIP: with the EOS id remapped)."""
-  from transformers import CLIPConfig, SiglipConfig
-
-  from vlm_jax.hf.captioner import _defaults
-  from vlm_jax.models.text import TextEncoder
-  from vlm_jax.models.vit import ViT
+  from transformers import CLIPConfig, SiglipConfig  # heavy to import; only an export needs it
   m, tok = run.task.model, run.task.tokenizer
   kind = layout(m)
   img = {**_defaults(ViT), **dict(m.image)}
@@ -204,8 +202,6 @@ def export(run, out: str) -> str:
 # -- HF -> ours ------------------------------------------------------------------------------------
 def from_hf(config: dict, sd: dict, target: dict, where: str) -> dict:
   """SiglipModel / CLIPModel weights -> TwoTower params shaped like `target`."""
-  from vlm_jax.hf import load
-  from vlm_jax.hf.tree import unstacked_blocks
   kind = "clip" if config.get("model_type") == "clip" else "siglip"
   vcfg, tcfg = config.get("vision_config", {}), config.get("text_config", {})
   g = lambda k: _need(sd, k, where)
@@ -213,7 +209,7 @@ def from_hf(config: dict, sd: dict, target: dict, where: str) -> dict:
   blocks = unstacked_blocks(t)
   vocab, width = np.shape(t["token_embed"]["embedding"])
   heads = int(np.shape(blocks[0]["attn"]["query_bias"])[0])
-  load.check_sizes(where, {"width": tcfg.get("hidden_size"), "depth": tcfg.get("num_hidden_layers"),
+  vit.check_sizes(where, {"width": tcfg.get("hidden_size"), "depth": tcfg.get("num_hidden_layers"),
                            "num_heads": tcfg.get("num_attention_heads"), "vocab_size": tcfg.get("vocab_size")},
                    {"width": width, "depth": len(blocks), "num_heads": heads, "vocab_size": vocab})
   text_sd = {k[len("text_model."):]: v for k, v in sd.items() if k.startswith("text_model.")}
@@ -233,7 +229,7 @@ def from_hf(config: dict, sd: dict, target: dict, where: str) -> dict:
   out = {"txt": {"token_embed": {"embedding": f32(emb)}, "pos_embedding": f32(pos), **txt}}
   vision_sd = {k[len("vision_model."):]: v for k, v in sd.items() if k.startswith("vision_model.")}
   if kind == "siglip":
-    out["img"] = load.vision_from_hf(config, vision_sd, target["img"], where)
+    out["img"] = vit.vision_from_hf(config, vision_sd, target["img"], where)
     out["txt_proj"] = {"kernel": f32(g("text_model.head.weight").T), "bias": g("text_model.head.bias")}
     out["logit_bias"] = np.asarray(g("logit_bias"), np.float32).reshape(())
   else:
@@ -245,7 +241,6 @@ def from_hf(config: dict, sd: dict, target: dict, where: str) -> dict:
 
 
 def _clip_vision_from_hf(vcfg: dict, sd: dict, target: dict, where: str) -> dict:
-  from vlm_jax.hf import load
   if "cls" not in target or "pre_norm" not in target:
     raise UserError(f"{where} holds a CLIP vision tower (class token, pre-LayerNorm); this config needs "
                     f"model.image.pool='cls' and model.image.pre_norm=True.")
@@ -253,7 +248,7 @@ def _clip_vision_from_hf(vcfg: dict, sd: dict, target: dict, where: str) -> dict
   renamed = {**sd, "embeddings.patch_embedding.bias": np.zeros((patch.shape[0],), np.float32)}
   pos = _need(sd, "embeddings.position_embedding.weight", where)
   renamed["embeddings.position_embedding.weight"] = pos[1:]
-  img = load.vision_from_hf({**vcfg, "model_type": "siglip_vision_model", "vision_use_head": False}, renamed,
+  img = vit.vision_from_hf({**vcfg, "model_type": "siglip_vision_model", "vision_use_head": False}, renamed,
                             {k: v for k, v in target.items() if k not in ("cls", "pre_norm")}, where)
   img["cls"] = _need(sd, "embeddings.class_embedding", where).reshape(1, 1, -1)
   img["pos_embedding"] = f32(pos[None])

@@ -20,10 +20,13 @@ HF `ViTModel`'s pooler (dense + tanh) has no counterpart in ours: the exporter w
 dense with `pooler_act="linear"`, so `pooler_output` is exactly our pooled class token.
 """
 
+import sys
 from typing import Mapping
 
 import numpy as np
 
+from vlm_jax.errors import UserError
+from vlm_jax.hf import files
 from vlm_jax.hf.tree import f32, stacked, unstacked_blocks
 
 LAYOUTS = ("vit", "siglip")
@@ -289,10 +292,7 @@ def hf_class(layout: str, classifier: bool) -> str:
 def export(run, out: str) -> str:
   """Writes config.json and model.safetensors for a ViT classifier (or, with `run.encoder_only`,
   its encoder without the head); returns the HF class name."""
-  from transformers import SiglipConfig, SiglipVisionConfig, ViTConfig
-
-  from vlm_jax.errors import UserError
-  from vlm_jax.hf import files
+  from transformers import SiglipConfig, SiglipVisionConfig, ViTConfig  # heavy to import; only an export needs it
   m = run.task.model
   params = dict(run.params)
   classifier = bool(m.num_classes) and not run.encoder_only
@@ -325,3 +325,54 @@ def export(run, out: str) -> str:
   sd = {(k if k.startswith("classifier.") else prefix + k): v for k, v in vit_to_hf(params, layout).items()}
   files.save_weights(out, sd)
   return name
+
+
+# -- an HF vision model's folder -> ours (init_from='hf:PATH') ------------------------------------
+def _strip(sd: dict, prefix: str) -> dict:
+  return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in sd.items()}
+
+
+def check_sizes(where: str, theirs: dict, ours: dict) -> None:
+  for key, value in ours.items():
+    if theirs.get(key) is not None and int(theirs[key]) != int(value):
+      raise UserError(f"{where} is a different size: its {key} is {theirs[key]}, this config builds {value}. "
+                      f"Make the model config match the Hugging Face model or choose another folder.")
+
+
+def vision_from_hf(config: dict, sd: dict, target: dict, where: str) -> dict:
+  """HF ViT / SigLIP vision weights -> our ViT params shaped like `target` (a ViT params tree)."""
+  model_type = config.get("model_type")
+  if model_type == "vit":
+    layout, vcfg, sd = "vit", config, _strip(sd, "vit.")
+  elif model_type == "siglip_vision_model":
+    layout, vcfg, sd = "siglip", config, _strip(sd, "vision_model.")
+  elif model_type == "siglip":
+    layout, vcfg, sd = "siglip", config.get("vision_config", {}), _strip(sd, "vision_model.")
+  else:
+    raise UserError(f"{where}: its vision model is '{model_type}'; only ViT and SigLIP vision models map onto "
+                    f"our ViT.")
+  if "embedding" not in target or "encoder" not in target:
+    raise UserError(f"{where} holds a vision model, but this config's model is not a ViT.")
+  try:
+    hf = model_kwargs_from_config(layout, vcfg)
+  except ValueError as e:
+    raise UserError(f"{where}: {e}.") from None
+  blocks = unstacked_blocks(target["encoder"])
+  kernel = np.shape(target["embedding"]["kernel"])
+  ours = {"width": kernel[-1], "depth": len(blocks), "num_heads": np.shape(blocks[0]["attn"]["query_bias"])[0],
+          "mlp_dim": np.shape(blocks[0]["mlp"]["fc1"]["kernel"])[-1], "patch_size": kernel[0]}
+  check_sizes(where, hf, ours)
+  if "cls" in target and layout != "vit":
+    raise UserError(f"{where} has no class token (a SigLIP vision model) but this config uses model.pool='cls'. "
+                    f"Use model.pool='gap', 'map' or 'none'.")
+  try:
+    params = vit_from_hf(sd, layout, ours["depth"], ours["num_heads"], scan_layers="layers" in target["encoder"])
+  except KeyError as e:
+    raise UserError(f"{where} lacks the weight {e}; it is not a complete {model_type} model.") from None
+  if "cls" in params and "cls" not in target:  # a class token this model does not use: drop its row
+    params.pop("cls")
+    params["pos_embedding"] = params["pos_embedding"][:, 1:]
+  print(f"{where}: layer_norm_eps={hf['ln_eps']}, {'tanh' if hf['gelu_approximate'] else 'exact'} GELU "
+        f"(outputs match ours with model.ln_eps={hf['ln_eps']}, model.gelu_approximate={hf['gelu_approximate']})",
+        file=sys.stderr, flush=True)
+  return params

@@ -6,8 +6,9 @@
   task.loss_fn(params, batch, rng) -> (loss, metrics)      inside the jitted train step
   task.eval_fn(params, batch)     -> dict of per-batch sums (masked by batch["_mask"])
   task.predict_fn(params, batch)  -> dict of predictions (evaluator pictures, predict CLI)
-  task.decodes, task.text_fields  whether evaluation predicts every batch; text fields to gather
-  task.collect(batch, preds)      -> host-side records (prediction, references) when `decodes`
+  task.collects_predictions      whether evaluation gathers every batch's predictions to the host
+  task.text_fields                the batch's text fields gathered with them (references)
+  task.collect(batch, preds)      -> host-side records (prediction, references) when `collects_predictions`
   task.summarize(sums, records)   -> dict of metric values named as in the contract
   task.draw(batch, predictions)   -> list of (image, caption) pairs for the example picture
   task.load_pretrained(params)    -> (params, copied paths): optional, weights the task's config
@@ -16,6 +17,8 @@
 `TASKS` maps a config's `task` name to its module; it is the only registry.
 """
 
+from vlm_jax.config import nearest
+from vlm_jax.errors import UserError
 from vlm_jax.tasks import captioning, classification, contrastive
 
 TASKS = {
@@ -25,5 +28,12 @@ TASKS = {
 }
 
 
+def module(name: str):
+  """The task module registered as `name`; an unknown name is one error listing the known ones."""
+  if name not in TASKS:
+    raise UserError(f"config: unknown task '{name}'.{nearest(name, TASKS)} Known tasks: {', '.join(sorted(TASKS))}.")
+  return TASKS[name]
+
+
 def make(cfg, data_info):
-  return TASKS[cfg.task].Task(cfg, data_info)
+  return module(cfg.task).Task(cfg, data_info)

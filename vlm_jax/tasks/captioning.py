@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 from vlm_jax import decode
-from vlm_jax.data import run_tokenizer, tokenizer as tokenizer_lib
+from vlm_jax.data import tokenizer as tokenizer_lib, tokenizer_source
 from vlm_jax.errors import UserError
 from vlm_jax.metrics import caption as caption_metrics, vqa as vqa_metrics
 from vlm_jax.models.vlm import Captioner
@@ -29,16 +29,16 @@ from vlm_jax.tasks.common import module_kwargs
 
 class Task:
   name = "captioning"
-  decodes = True  # evaluation decodes every batch
+  collects_predictions = True  # evaluation gathers the decoded texts of every batch
 
   def __init__(self, cfg, data_info):
     inp = cfg.input
     if inp.text not in ("caption", "qa"):
       raise UserError(f"task 'captioning' needs input.text='caption' or 'qa', got '{inp.text}'.")
     self.cfg, self.mode = cfg, inp.text
-    self.tokenizer = run_tokenizer.for_run(cfg)
+    self.tokenizer = tokenizer_source.for_run(cfg)
     if cfg.init_from and re.search(cfg.init_include, "txt/token_embed/embedding"):
-      run_tokenizer.check_same(self.tokenizer, cfg.init_from.split(":")[0],
+      tokenizer_source.check_same(self.tokenizer, cfg.init_from.split(":")[0],
                            "Set --config.input.tokenizer= to that file (or leave it empty), or exclude "
                            "the text embedding from --config.init_include.")
     self.text_fields = ("caption",) if self.mode == "caption" else ("question", "answer")

@@ -12,7 +12,7 @@ from vlm_jax.tasks.common import module_kwargs
 
 class Task:
   name = "classification"
-  decodes = False
+  collects_predictions = False  # accuracy is summed on the devices
   text_fields = ()
 
   def __init__(self, cfg, data_info):

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from vlm_jax import checkpoint
-from vlm_jax.data import run_tokenizer, tokenizer as tokenizer_lib
+from vlm_jax import init
+from vlm_jax.data import tokenizer as tokenizer_lib, tokenizer_source
 from vlm_jax.errors import UserError
 from vlm_jax.hf import bert
 from vlm_jax.metrics import retrieval
@@ -131,7 +131,7 @@ def retrieval_metrics(img_emb, txt_emb, texts, refs, ks=(1, 5, 10)) -> dict:
 
 class Task:
   name = "contrastive"
-  decodes = True  # evaluation gathers the embeddings of every batch
+  collects_predictions = True  # evaluation gathers the embeddings of every batch
 
   def __init__(self, cfg, data_info):
     inp, m = cfg.input, cfg.model
@@ -149,7 +149,7 @@ class Task:
       self.tokenizer = bert.BertTokenizer.load(inp.tokenizer) if inp.tokenizer else \
           bert.BertTokenizer.from_dir(bert.resolve_dir(self.text_init))
     else:
-      self.tokenizer = run_tokenizer.for_run(cfg)
+      self.tokenizer = tokenizer_source.for_run(cfg)
     txt.setdefault("vocab_size", self.tokenizer.vocab_size)
     if txt["vocab_size"] < self.tokenizer.vocab_size:
       raise UserError(f"model.text.vocab_size={txt['vocab_size']} is smaller than the tokenizer's "
@@ -278,7 +278,7 @@ class Task:
       params["txt"] = txt
       copied += [f"txt/{param_path(p)}" for p, _ in jax.tree_util.tree_flatten_with_path(txt)[0]]
     if self.image_init:
-      img, names = checkpoint.load_params(self.image_init, params["img"])
+      img, names = init.load_params(self.image_init, params["img"])
       params["img"] = img
       copied += [f"img/{p}" for p in names]
     return params, copied

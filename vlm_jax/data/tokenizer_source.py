@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from vlm_jax.data import tokenizer as tokenizer_lib
+from vlm_jax.data import sources, tokenizer as tokenizer_lib
 from vlm_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ DEFAULT_TEXT_KEYS = ("caption", "captions/text", "qa/question", "qa/answer", "qu
 # -- a tfds dataset's texts ---------------------------------------------------------------------
 def _lookup_feature(features, path: str):
   """The feature at "a/b" (through Sequence features), or None."""
-  import tensorflow_datasets as tfds
+  import tensorflow_datasets as tfds  # TensorFlow only where a dataset is read: a run's tokenizer.json loads without it
   node = features
   for part in path.split("/"):
     while isinstance(node, tfds.features.Sequence):
@@ -75,7 +75,7 @@ def _get_path(example: dict, path: str):
 def dataset_texts(builder, split: str = "train",
                   text_keys: Sequence[str] = DEFAULT_TEXT_KEYS) -> Iterable[str]:
   """Yields the texts of `split` under `text_keys` (those the dataset has), images never decoded."""
-  import tensorflow_datasets as tfds
+  import tensorflow_datasets as tfds  # TensorFlow only where a dataset is read
   features = builder.info.features
   paths = [k for k in text_keys if _lookup_feature(features, k) is not None]
   # A key nested in another one ("captions/text" vs "captions") would yield its texts twice.
@@ -124,7 +124,6 @@ def tokenizer_for_dataset(builder_or_name, data_dir: str | None = None, vocab_si
   if isinstance(builder_or_name, str):
     if data_dir is None:
       raise UserError(f"tokenizer_for_dataset('{builder_or_name}') needs the tfds data_dir.")
-    from vlm_jax.data import sources
     builder = sources.open_source(builder_or_name, data_dir)
   else:
     builder = builder_or_name

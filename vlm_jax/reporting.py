@@ -11,6 +11,7 @@ import textwrap
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 
@@ -20,7 +21,6 @@ class MetricsWriter:
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.tb = None
     if enabled:
-      from tensorboardX import SummaryWriter
       self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30)
 
   def write(self, step: int, metrics: dict) -> None:
