@@ -9,8 +9,9 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
-from vlm_jax import config, parallel, reporting
+from vlm_jax import config, flops, parallel, reporting
 from vlm_jax.data import pipeline, sources
 from vlm_jax.runtime import build
 from vlm_jax.step import make_train_step
@@ -82,6 +83,18 @@ def test_two_processes_train_checkpoint_resume_match_one_process(data_dir, tmp_p
   assert sorted(os.listdir(wd / "checkpoints")) == ["2", "4"]
   rows = [r for r in reporting.read_metrics(str(wd)) if "train/loss" in r]
   assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # written once, by process 0
-  for key in ("train/images_per_s", "train/tflops_per_device", "train/mfu"):
-    assert rows[-1][key] > 0, key
+  # Model FLOPs per second follow from the measured images/s and the model's FLOPs per image, spread
+  # over all 8 devices of both processes; MFU divides that by one peak.
+  cfg = config.load(os.path.join(REPO, "configs/vit_shapes.py:tiny"))
+  cfg.data_dir = data_dir
+  task = build(cfg, devices=jax.devices()[:8]).task
+  per_image = flops.train_flops(task.model, task.dummy_batch(1))
+  timed = [r for r in rows if "train/images_per_s" in r]
+  assert timed and per_image > 0
+  for r in timed:
+    assert r["train/tflops_per_device"] == pytest.approx(r["train/images_per_s"] * per_image / 8 / 1e12, rel=1e-6)
+  # Each run measures the CPU's peak once: steps 1-2 share one, the resumed steps 3-4 another.
+  peaks = {r["step"]: r["train/tflops_per_device"] / r["train/mfu"] for r in timed}
+  assert sorted(peaks) == [1, 2, 3, 4]
+  assert peaks[2] == pytest.approx(peaks[1], rel=1e-6) and peaks[4] == pytest.approx(peaks[3], rel=1e-6)
   np.testing.assert_allclose([r["train/loss"] for r in rows], _reference_losses(data_dir), atol=1e-5, rtol=0)

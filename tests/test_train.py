@@ -164,7 +164,16 @@ def test_init_from_other_run_resizes_position_embedding(pre, tiny_config, tmp_pa
     fresh = s48.init_state(jax.random.PRNGKey(0)).params
   params, copied = init.load_params(str(pre), fresh, include="^encoder/|pos_embedding")
   assert "pos_embedding" in copied and not any(p.startswith("head/") for p in copied)
-  assert params["pos_embedding"].shape == (1, 36, 32)
+  # Half-pixel bilinear upsampling 4x4 -> 6x6, edges clamped, computed here in numpy.
+  x = np.clip((np.arange(6) + 0.5) * 4 / 6 - 0.5, 0, 3)
+  lo = np.floor(x).astype(int)
+  hi, w = np.minimum(lo + 1, 3), x - lo
+  up = np.zeros((6, 4))
+  up[np.arange(6), lo] += 1 - w
+  up[np.arange(6), hi] += w
+  grid = np.asarray(source["pos_embedding"]).reshape(4, 4, 32)
+  want = np.einsum("Yy,yxd,Xx->YXd", up, grid, up).reshape(1, 36, 32)
+  np.testing.assert_allclose(params["pos_embedding"], want, atol=1e-6)
   np.testing.assert_array_equal(params["encoder"]["norm"]["scale"], np.asarray(source["encoder"]["norm"]["scale"]))
   np.testing.assert_array_equal(params["head"]["kernel"], np.asarray(fresh["head"]["kernel"]))
   with pytest.raises(UserError, match="does not exist"):

@@ -105,13 +105,6 @@ def test_readme_recipe_runs_without_vlm_jax(run, tmp_path):
   assert " ".join(caption.split()) == predict.predict(workdir, paths[:1])[0][1]
 
 
-def test_image_text_to_text_pipeline_does_not_take_it(run):
-  """README: the transformers 5 `image-text-to-text` pipeline needs a multimodal processor class, which
-  VisionEncoderDecoderModel folders (image processor + tokenizer) do not have."""
-  with pytest.raises(TypeError, match="ProcessorMixin"):
-    transformers.pipeline("image-text-to-text", model=run[1])
-
-
 def test_bad_inputs_give_one_message_and_overwrite_nothing(run, tmp_path):
   workdir, out, _ = run
   empty = tmp_path / "untrained"

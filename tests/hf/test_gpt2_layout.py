@@ -82,7 +82,6 @@ def test_enc_proj_matches_vision_encoder_decoder():
   torch.manual_seed(1)
   ved = transformers.VisionEncoderDecoderModel(encoder=transformers.ViTModel(enc_cfg, add_pooling_layer=False),
                                                decoder=_gpt2()).eval()
-  assert ved.enc_to_dec_proj is not None
   tokens, _ = _inputs()
   pixels = torch.randn(B, 3, 16, 16)
   with torch.no_grad():

@@ -15,7 +15,7 @@ from tests.hf.helpers import IMAGE, images, make_run, random_params, torch_image
 from vlm_jax import init  # noqa: E402
 from vlm_jax.errors import UserError  # noqa: E402
 from vlm_jax.hf import export, vit  # noqa: E402
-from vlm_jax.models.vit import ViT  # noqa: E402
+from vlm_jax.models.vit import ViT, resize_posemb  # noqa: E402
 
 CLASSES = ["circle", "square", "triangle", "diamond", "star"]
 ARCH = dict(patch_size=8, width=32, depth=2, num_heads=4, mlp_dim=48)
@@ -90,6 +90,10 @@ def test_import_hf_saved_vit_into_gap_model_at_another_resolution(tmp_path):
   assert "pos_embedding" in copied and not any(c.startswith("head") for c in copied)
   assert params["pos_embedding"].shape == (1, 36, 32)
   saved = load_file(str(tmp_path / "dino" / "model.safetensors"))
+  # The class token's row is dropped, not interpolated into the grid (tests/test_train.py checks
+  # the interpolation itself against a numpy reference).
+  np.testing.assert_array_equal(params["pos_embedding"],
+                                resize_posemb(saved["embeddings.position_embeddings"][:, 1:], 36, 0))
   np.testing.assert_array_equal(params["encoder"]["layers_1"]["mlp"]["fc2"]["bias"],
                                 saved["encoder.layer.1.output.dense.bias"])
 

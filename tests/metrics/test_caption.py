@@ -79,7 +79,8 @@ def test_identical_hypothesis_and_references():
   hyps = {i: refs[i][0] for i in refs}
   bleu, cider = _assert_equal_to_reference(refs, hyps)
   assert all(abs(b - 1.0) <= TOL for b in bleu)
-  assert cider > 0
+  # CIDEr-D of an exact match: cosine 1 for every n, no length penalty, times CIDEr's scale of 10.
+  assert abs(cider - 10.0) <= TOL
 
 
 def test_brevity_penalty_and_closest_length_tie():

@@ -106,13 +106,20 @@ def test_every_parameter_has_logical_names():
 
 
 def test_resize_posemb_keeps_prefix_and_interpolates():
-  grid = np.arange(16, dtype=np.float32).reshape(1, 16, 1)
-  pos = np.concatenate([np.full((1, 1, 1), -5.0, np.float32), grid], axis=1)
-  out = resize_posemb(pos, 1 + 64, num_prefix=1)
-  assert out.shape == (1, 65, 1)
-  assert out[0, 0, 0] == -5.0
-  assert out[0, 1:].min() >= 0 and out[0, 1:].max() <= 15
-  assert np.allclose(resize_posemb(pos, 17, 1), pos)
+  """2x2 -> 4x4 by hand: half-pixel bilinear, edges clamped, so along each axis [a, b] becomes
+  [a, (3a + b) / 4, (a + 3b) / 4, b]; the grid is row-major (y, x) and the class-token row is kept."""
+  grid = np.array([[0.0, 4.0], [8.0, 12.0]], np.float32)  # not symmetric: a transposed resize fails
+  pos = np.concatenate([np.full((1, 1, 2), -5.0, np.float32),
+                        np.stack([grid, -grid], axis=-1).reshape(1, 4, 2)], axis=1)  # two channels
+  out = resize_posemb(pos, 1 + 16, num_prefix=1)
+  want = np.array([[0, 1, 3, 4], [2, 3, 5, 6], [6, 7, 9, 10], [8, 9, 11, 12]], np.float32)
+  assert out.shape == (1, 17, 2) and out.dtype == np.float32
+  np.testing.assert_array_equal(out[0, 0], [-5.0, -5.0])
+  np.testing.assert_allclose(out[0, 1:, 0].reshape(4, 4), want, atol=1e-6)
+  np.testing.assert_allclose(out[0, 1:, 1].reshape(4, 4), -want, atol=1e-6)
+  # No prefix (gap / map models): the same grid, nothing kept aside.
+  np.testing.assert_allclose(resize_posemb(pos[:, 1:], 16, 0)[0, :, 0].reshape(4, 4), want, atol=1e-6)
+  assert np.array_equal(resize_posemb(pos, 5, 1), pos)
   with pytest.raises(ValueError):
     resize_posemb(pos, 1 + 50, 1)
 
