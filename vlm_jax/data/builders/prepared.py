@@ -72,6 +72,11 @@ def remove_leftovers(data_path: str) -> None:
       shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
+def _prepared(builder) -> bool:
+  # tfds warns about a variant folder that does not exist yet: ask only when there is one.
+  return os.path.isdir(os.fspath(builder.data_path)) and builder.is_prepared()
+
+
 def prepare_once(make_builder, build, what: str, data_dir: str):
   """`(builder, built)`: make_builder()'s dataset, prepared by `build(builder, lock_fd)` if needed.
 
@@ -79,12 +84,12 @@ def prepare_once(make_builder, build, what: str, data_dir: str):
   another process finished meanwhile is reused. Write failures become one UserError.
   """
   builder = make_builder()
-  if builder.is_prepared():
+  if _prepared(builder):
     return builder, False
   try:
     with _build_lock(os.path.dirname(os.fspath(builder.data_path))) as lock_fd:
       builder = make_builder()
-      if builder.is_prepared():
+      if _prepared(builder):
         return builder, False
       remove_leftovers(os.fspath(builder.data_path))
       build(builder, lock_fd)
