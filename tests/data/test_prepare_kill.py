@@ -69,12 +69,14 @@ def _finish(proc, timeout=TIMEOUT_S):
   return proc.returncode, out, err
 
 
-def _wait_for(predicate, what, timeout=TIMEOUT_S):
+def _wait_for(predicate, what, proc=None, timeout=TIMEOUT_S):
   deadline = time.monotonic() + timeout
   while time.monotonic() < deadline:
     value = predicate()
     if value:
       return value
+    if proc is not None and proc.poll() is not None:
+      pytest.fail(f"the process ended (exit {proc.returncode}) before {what}: {proc.stderr.read()[-2000:]}")
     time.sleep(0.05)
   pytest.fail(f"timed out waiting for {what}")
 
@@ -117,7 +119,7 @@ def test_worker_build_in_a_process_with_jax_and_tf_threads(tmp_path):
 def test_a_dead_or_stalled_render_worker_is_one_error_not_a_hang(tmp_path, sig, message):
   d = str(tmp_path / "tfds")
   proc = _start(THREADED, "shapes/tiny", d, VLM_JAX_SHAPES_WORKER_TIMEOUT_S="3", **WORKERS)
-  build, workers = _wait_for(lambda: _render_workers(proc), "the render workers")
+  build, workers = _wait_for(lambda: _render_workers(proc), "the render workers", proc)
   os.kill(workers[0].pid, sig)
   rc, _, err = _finish(proc)
   last = err.strip().splitlines()[-1]
@@ -134,7 +136,7 @@ def test_sigkill_during_the_shapes_build_then_the_next_run_builds_it(tmp_path, w
   d = str(tmp_path / "tfds")
   env = WORKERS if workers else {"VLM_JAX_SHAPES_WORKERS": "1"}
   proc = _start(THREADED, "shapes/tiny", d, **env)
-  _wait_for(lambda: _incomplete(d), "the build to start writing")
+  _wait_for(lambda: _incomplete(d), "the build to start writing", proc)
   children = psutil.Process(proc.pid).children(recursive=True)
   proc.kill()
   proc.communicate()
@@ -223,8 +225,8 @@ def test_sigkill_during_folder_preparation_then_the_next_run_prepares_it(tmp_pat
     for i in range(600):
       Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(root / label / f"{i}.png")
   proc = _start(FOLDER, str(root), d)
-  # Mid-preparation: tfds' temporary folder exists and examples are being written.
-  _wait_for(lambda: glob.glob(os.path.join(d, "folder/*/incomplete.*/*")), "the preparation to write")
+  # Mid-preparation: tfds' temporary folder exists while the images are decoded and written.
+  _wait_for(lambda: glob.glob(os.path.join(d, "folder/*/incomplete.*")), "the preparation to start", proc)
   proc.kill()
   proc.communicate()
   assert glob.glob(os.path.join(d, "folder/*/incomplete.*"))
