@@ -2,6 +2,7 @@
 
 import collections
 import hashlib
+import os
 import re
 
 import numpy as np
@@ -47,11 +48,13 @@ def tiny_dirs(tmp_path_factory):
   d_rec = str(tmp_path_factory.mktemp("tfrecord"))
   d_ar = str(tmp_path_factory.mktemp("array_record"))
   shapes.prepare("shapes/tiny", d_rec)
-  per_worker, shapes._PER_WORKER = shapes._PER_WORKER, 40
+  saved = dict(os.environ)
+  os.environ.update(VLM_JAX_SHAPES_WORKERS="2", VLM_JAX_SHAPES_EXAMPLES_PER_WORKER="40")
   try:
     shapes.prepare("shapes/tiny", d_ar, file_format="array_record")
   finally:
-    shapes._PER_WORKER = per_worker
+    os.environ.clear()
+    os.environ.update(saved)
   return d_rec, d_ar
 
 

@@ -38,18 +38,6 @@ def _lookup_feature(features, path: str):
   return node
 
 
-def _decoder_spec(paths: Sequence[str]) -> dict:
-  """PartialDecoding spec {"a": {"b": True}} for the given "a/b" paths."""
-  spec = {}
-  for path in paths:
-    *parents, leaf = path.split("/")
-    node = spec
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = True
-  return spec
-
-
 def _strings(value):
   """Every string inside a decoded value (bytes, numpy arrays of bytes, nested dicts)."""
   if isinstance(value, dict):
@@ -87,14 +75,14 @@ def dataset_texts(builder, split: str = "train",
   if split not in builder.info.splits:
     raise UserError(f"dataset '{builder.info.full_name}' has no split '{split}' to train a "
                     f"tokenizer on; it has {', '.join(builder.info.splits.keys())}.")
+  # Top-level images stay undecoded (tfds' PartialDecoding would do more, but reads the
+  # deprecated FeatureConnector.dtype and logs a warning per feature).
+  skip = {k: tfds.decode.SkipDecoding() for k, f in features.items()
+          if isinstance(f, (tfds.features.Image, tfds.features.Video))}
   if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
-    # Data sources take no PartialDecoding: leave the top-level images undecoded instead.
-    skip = {k: tfds.decode.SkipDecoding() for k, f in features.items()
-            if isinstance(f, (tfds.features.Image, tfds.features.Video))}
     examples = builder.as_data_source(split=split, decoders=skip or None)
   else:
-    ds = builder.as_dataset(split=split, shuffle_files=False,
-                            decoders=tfds.decode.PartialDecoding(_decoder_spec(paths)),
+    ds = builder.as_dataset(split=split, shuffle_files=False, decoders=skip or None,
                             read_config=tfds.ReadConfig(try_autocache=False))
     examples = tfds.as_numpy(ds)
   for ex in examples:

@@ -1,2 +1,5 @@
-"""Local tfds builders; importing this package registers them (`shapes`)."""
-from vlm_jax.data.builders import shapes  # noqa: F401  (registers the builder)
+"""Local tfds builders (`shapes`, `folder`); importing a builder's module registers it.
+
+Nothing is imported here: `python -m vlm_jax.data.builders.shapes_build` must start without
+TensorFlow (see shapes_build).
+"""

@@ -40,6 +40,7 @@ import re
 
 import tensorflow_datasets as tfds
 
+from vlm_jax.data.builders import prepared
 from vlm_jax.data.builders.folder_scan import BadRecord, Scan, inside, listing, load_image, scan
 from vlm_jax.errors import UserError
 
@@ -154,15 +155,14 @@ def prepare(root: str, data_dir: str) -> Folder:
     raise UserError(f"data_dir '{data_dir}' is inside the dataset folder '{folder_scan.root}'; "
                     f"the folder is never written to. Choose a --config.data_dir outside it.")
   with _quiet_tfds():
-    builder = Folder(folder_scan, data_dir)
-    built = not builder.is_prepared()
-    if built:
-      print(f"Preparing folder dataset {folder_scan.root} into {builder.data_dir}", flush=True)
-      try:
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-      except OSError as e:  # reading errors are skipped records: this is writing (permissions, disk full)
-        raise UserError(f"cannot prepare folder '{folder_scan.root}' into data_dir '{data_dir}': "
-                        f"{e.strerror or e}. Free space or choose a writable --config.data_dir.") from None
+    def build(b, lock_fd):
+      del lock_fd  # built in this process
+      print(f"Preparing folder dataset {folder_scan.root} into {b.data_dir}", flush=True)
+      b.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+
+    # Reading errors are skipped records: what fails here is writing (permissions, disk full).
+    builder, built = prepared.prepare_once(lambda: Folder(folder_scan, data_dir), build,
+                                           f"folder '{folder_scan.root}'", data_dir)
   for note in folder_scan.notes:
     log.warning("folder '%s': %s", folder_scan.root, note)
   skipped = builder.info.metadata.get("skipped") or []

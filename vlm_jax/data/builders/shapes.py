@@ -5,14 +5,10 @@ pixels and language come from `shapes_scene`.
 """
 
 import dataclasses
-import functools
-import multiprocessing
-import os
-import warnings
 
 import tensorflow_datasets as tfds
 
-from vlm_jax.data.builders import shapes_scene
+from vlm_jax.data.builders import prepared, shapes_build, shapes_scene
 
 _DESCRIPTION = """\
 Procedurally generated scenes of one large and 0-2 small coloured shapes
@@ -46,8 +42,10 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
   test 1.25%; the repeats are mostly one-object scenes (5% of examples, only
   216 possible captions). Each of the 24 label classes holds 3.7-4.4% of train.
 
-  Generating `default` (24k examples at 64 px, tfrecord, ~205 MB) takes about
-  25 s on 2 CPU cores (one rendering process per core). With
+  Generating `default` (24k examples at 64 px, tfrecord, ~205 MB) takes under
+  a minute on 2 CPU cores: `prepare` builds it in a fresh process with one
+  render process per core (see `shapes_build`); smaller configs render in
+  the calling process. With
   file_format="array_record" read it through `tfds.data_source` /
   `builder.as_data_source()` (tfds cannot make a tf.data pipeline from
   array_record files).
@@ -100,30 +98,16 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
     return {split: self._generate_examples(shapes_scene.SPLIT_IDS[split], n)
             for split, n in sizes.items()}
 
+  # Yields a split's rendered examples in index order; `shapes_build` hands in its workers'.
+  render_examples = staticmethod(shapes_build.render_serially)
+
   def _generate_examples(self, split_id, num_examples):
-    make = functools.partial(_encoded_example, split_id, image_size=self.builder_config.image_size)
-    workers = min(os.cpu_count() or 1, num_examples // _PER_WORKER)
-    if workers < 2:
-      for i in range(num_examples):
-        yield i, make(i)
-      return
-    # Rendering is pure numpy/PIL (no BLAS), so forked workers never touch a lock of the parent's
-    # JAX or TensorFlow threads, and JAX's generic fork warning does not apply. Examples are still
-    # a function of (split, index), so the build is identical. ("spawn" would re-import
-    # TensorFlow in every worker, which costs most of what the workers save.)
-    with warnings.catch_warnings():
-      warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
-      pool = multiprocessing.get_context("fork").Pool(workers)
-    with pool:
-      yield from enumerate(pool.imap(make, range(num_examples), chunksize=250))
+    examples = self.render_examples(split_id, num_examples, self.builder_config.image_size)
+    for i, ex in enumerate(examples):
+      yield i, _encoded_example(ex)
 
 
-_PER_WORKER = 2000  # below this per process, starting workers costs more than it saves
-
-
-def _encoded_example(split_id, index, image_size):
-  ex = shapes_scene.make_example(split_id, index, image_size)
-  ex["image"] = shapes_scene.encode_png(ex["image"])
+def _encoded_example(ex):
   # tfds Sequence features take a dict of lists.
   ex["qa"] = {k: [p[k] for p in ex["qa"]] for k in ("question", "answer")}
   ex["objects"] = {k: [o[k] for o in ex["objects"]] for k in ("bbox", "shape", "color", "size")}
@@ -141,8 +125,25 @@ def prepare(name: str, data_dir: str,
   if name != "shapes" and not name.startswith("shapes/"):
     raise ValueError(f"prepare() builds the embedded 'shapes' dataset only, "
                      f"got {name!r}; use 'shapes' or 'shapes/<config>'.")
-  builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
-  builder.download_and_prepare(
+
+  def build(b, lock_fd):
+    if shapes_build.worker_count(b.builder_config.num_train) >= 2:
+      shapes_build.build_in_subprocess(name, data_dir, file_format, lock_fd)
+    else:
+      download(b, file_format)
+
+  return prepared.prepare_once(lambda: builder(name, data_dir), build, f"dataset '{name}'",
+                               data_dir)[0]
+
+
+def builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
+  return tfds.builder(name, data_dir=data_dir, try_gcs=False)
+
+
+def download(b: tfds.core.DatasetBuilder, file_format=None, render=None) -> None:
+  """Generates and writes b's dataset in this process (rendering with `render` if given)."""
+  if render is not None:
+    b.render_examples = render
+  b.download_and_prepare(
       file_format=file_format,
       download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-  return builder
