@@ -21,7 +21,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from vlm_jax.data import run_tokenizer
+from vlm_jax.data import tokenizer_source
 from vlm_jax.data import tokenizer as tokenizer_lib
 from vlm_jax.data.builders import folder, shapes
 from vlm_jax.data.builders import shapes_scene as S
@@ -175,7 +175,7 @@ def test_disk_full_during_the_build_is_one_error_and_leaves_nothing(tmp_path, mo
 
 TOKENIZER = textwrap.dedent("""
     import os, signal, sys
-    from vlm_jax.data import run_tokenizer, sources
+    from vlm_jax.data import tokenizer_source, sources
     from vlm_jax.data import tokenizer as tokenizer_lib
     builder = sources.open_source("shapes/tiny", sys.argv[1])
     if sys.argv[2] == "training":  # SIGKILL once the texts are read, while the trainer runs
@@ -190,7 +190,7 @@ TOKENIZER = textwrap.dedent("""
         os.write(fd, b'{"version": "1.0", "trunc')
         os.kill(os.getpid(), signal.SIGKILL)
       tokenizer_lib.tempfile.mkstemp = mkstemp
-    run_tokenizer.tokenizer_for_dataset(builder, vocab_size=300)
+    tokenizer_source.tokenizer_for_dataset(builder, vocab_size=300)
 """)
 
 
@@ -199,12 +199,12 @@ def test_sigkill_during_tokenizer_training_then_the_next_run_trains_it(data_dir,
   d = str(tmp_path / "tfds")
   shutil.copytree(data_dir, d)
   builder = shapes.builder("shapes/tiny", d)
-  path = run_tokenizer.cache_path(builder, 300)
+  path = tokenizer_source.cache_path(builder, 300)
   assert not os.path.exists(path)
   rc, _, err = _finish(_start(TOKENIZER, d, when))
   assert rc == -signal.SIGKILL, err[-2000:]
   assert not os.path.exists(path)  # nothing half-written under the cached name
-  tok = run_tokenizer.tokenizer_for_dataset(builder, vocab_size=300)
+  tok = tokenizer_source.tokenizer_for_dataset(builder, vocab_size=300)
   saved = tokenizer_lib.Tokenizer.load(path)
   assert saved.backend.get_vocab() == tok.backend.get_vocab() and tok.vocab_size > 100
   assert tok.decode(tok.encode("a red circle")) == "a red circle"
