@@ -10,12 +10,19 @@ import pytest
 import tensorflow_datasets as tfds
 
 import vlm_jax.data.builders  # noqa: F401  (registers `shapes`)
+from vlm_jax.data import run_tokenizer, sources
 from vlm_jax.data.builders import shapes
 from vlm_jax.data.builders import shapes_scene as S
+from vlm_jax.errors import UserError
 
 TINY_SPLITS = {"train": 600, "validation": 100, "test": 100}
 # Measured on the default config's train split: 9.5% (see Shapes docstring).
 MAX_TRAIN_DUPLICATE_RATE = 0.11
+# sha256 of images, labels, captions, QA and objects of tiny's first 100 validation examples, as
+# version 1.0.0 generated them (see `_content_digest`): later versions add features only.
+DIGEST_1_0_0 = "39ae2adeffd2606a859ba419a2681c28c9d6a18d9cf7309b65916725a3530a0a"
+_REF_RE = re.compile(rf"the (?:({'|'.join(S.SIZES)}) )?(?:({'|'.join(S.COLORS)}) )?"
+                     rf"({'|'.join(S.SHAPES)})(?: on the ({'|'.join(S.REF_SIDES)}))?")
 
 
 def _text(x):
@@ -81,7 +88,7 @@ def test_examples_are_a_function_of_split_and_index():
 
 def test_tfds_load_tiny_shapes_and_splits(tiny_dirs):
   builder = tfds.builder("shapes/tiny", data_dir=tiny_dirs[0])
-  assert builder.info.version == "1.0.0"
+  assert builder.info.version == "1.1.0"
   assert {k: v.num_examples for k, v in builder.info.splits.items()} == (
       TINY_SPLITS)
   ds = tfds.load("shapes/tiny", data_dir=tiny_dirs[0], split="validation")
@@ -93,6 +100,10 @@ def test_tfds_load_tiny_shapes_and_splits(tiny_dirs):
   n = ex["objects"]["shape"].shape[0]
   assert 1 <= n <= 3 and ex["objects"]["bbox"].shape == (n, 4)
   assert builder.info.features["label"].num_classes == 24
+  refs = ex["refs"]
+  assert refs["expression"].shape == (n,) and refs["bbox"].shape == (n, 4)
+  assert refs["object"].dtype == np.int32 and sorted(refs["object"]) == list(range(n))
+  assert all(_text(e).startswith("the ") for e in refs["expression"])
   assert builder.info.features["label"].names[0] == "red circle"
 
 
@@ -221,3 +232,117 @@ def test_user_config(tmp_path):
   ex = next(iter(tfds.as_numpy(builder.as_dataset(split="test"))))
   assert ex["image"].shape == (24, 24, 3)
   assert builder.info.splits["train"].num_examples == 8
+
+
+def _fits(attrs, size, color, shape):
+  """Indices of the objects (size, color, shape) that a description's words fit."""
+  return [i for i, (sz, c, sh) in enumerate(attrs)
+          if sh == shape and size in (None, sz) and color in (None, c)]
+
+
+def test_refs_pick_out_exactly_one_object(tiny_train):
+  sides = total = 0
+  for ex in tiny_train:
+    objs, refs = ex["objects"], ex["refs"]
+    attrs = [(S.SIZES[sz], S.COLORS[c], S.SHAPES[sh])
+             for sz, c, sh in zip(objs["size"], objs["color"], objs["shape"])]
+    centre_x = (objs["bbox"][:, 1] + objs["bbox"][:, 3]) / 2
+    # Every object of this generator has an expression, in object order.
+    assert list(refs["object"]) == list(range(len(attrs)))
+    for text, box, obj in zip(map(_text, refs["expression"]), refs["bbox"], refs["object"]):
+      total += 1
+      np.testing.assert_array_equal(box, objs["bbox"][obj])
+      m = _REF_RE.fullmatch(text)
+      assert m, text
+      size, color, shape, side = m.groups()
+      fit = _fits(attrs, size, color, shape)
+      if side is None:
+        assert fit == [obj], (text, attrs)
+        # Shortest: without its size or colour word it would fit another object too; and a size
+        # word is used only where the colour word alone does not single the object out.
+        if size:
+          assert len(_fits(attrs, None, color, shape)) > 1, (text, attrs)
+          assert color or len(_fits(attrs, None, attrs[obj][1], shape)) > 1, (text, attrs)
+        if color:
+          assert len(_fits(attrs, size, None, shape)) > 1, (text, attrs)
+      else:
+        sides += 1
+        # Only for an object that no attribute description singles out; of the two objects
+        # the words fit, the one on that side.
+        assert attrs.count(attrs[obj]) > 1, (text, attrs)
+        assert len(fit) == 2 and obj in fit, (text, attrs)
+        left, right = sorted(fit, key=lambda i: centre_x[i])
+        assert obj == (left if side == "left" else right), (text, attrs)
+        assert centre_x[right] - centre_x[left] >= 0.08
+  assert sides > 0 and total > 1000  # both kinds occur in tiny's train split
+
+
+def _content_digest(examples):
+  """sha256 of what version 1.0.0 holds, from examples as `make_example` or tfds return them."""
+  h = hashlib.sha256()
+  for ex in examples:
+    h.update(np.ascontiguousarray(ex["image"]).tobytes())
+    h.update(repr((int(ex["label"]), ex["caption"], ex["qa"])).encode())
+    for o in ex["objects"]:
+      h.update(np.asarray(o["bbox"], np.float64).tobytes())
+      h.update(repr((int(o["shape"]), int(o["color"]), int(o["size"]))).encode())
+  return h.hexdigest()
+
+
+def test_referring_expressions_leave_1_0_0_examples_unchanged():
+  examples = [S.make_example(S.SPLIT_IDS["validation"], i, 32) for i in range(100)]
+  assert _content_digest(examples) == DIGEST_1_0_0
+
+
+class _ShapesAt100(shapes.Shapes, skip_registration=True):
+  """`shapes` as version 1.0.0 wrote it: the same examples (DIGEST_1_0_0) without refs."""
+  name = "shapes"
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    features = super()._info().features
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({k: v for k, v in features.items() if k != "refs"}),
+        supervised_keys=("image", "label"))
+
+  def _generate_examples(self, split_id, num_examples):
+    for key, ex in super()._generate_examples(split_id, num_examples):
+      del ex["refs"]
+      yield key, ex
+
+
+@pytest.fixture(scope="module")
+def old_dir(tmp_path_factory):
+  """A data_dir holding shapes/tiny at version 1.0.0, the one before refs."""
+  d = str(tmp_path_factory.mktemp("v1_0_0"))
+  _ShapesAt100(config="tiny", data_dir=d).download_and_prepare(
+      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  return d
+
+
+def test_old_data_dir_keeps_working(old_dir):
+  old_files = sorted((p, p.stat().mtime) for p in tfds.builder(
+      "shapes/tiny:1.0.0", data_dir=old_dir).data_path.iterdir())
+  # A run that names the version reads the prepared 1.0.0 files.
+  old = sources.open_source("shapes/tiny:1.0.0", old_dir)
+  assert old.info.version == "1.0.0" and "refs" not in old.info.features
+  assert sources.data_info(old, needed_splits=["train", "test"]).splits == TINY_SPLITS
+  # A run that names no version (as config.json records it) gets 1.1.0, built alongside: the
+  # same examples, plus refs.
+  new = sources.open_source("shapes/tiny", old_dir)
+  assert new.info.version == "1.1.0" and new.data_dir != old.data_dir
+  assert set(new.info.features) - set(old.info.features) == {"refs"}
+  assert sorted((p, p.stat().mtime) for p in old.data_path.iterdir()) == old_files
+  for split in TINY_SPLITS:
+    assert (sorted(map(_fingerprint, _records(old.as_dataset(split=split))))
+            == sorted(map(_fingerprint, _records(new.as_dataset(split=split)))))
+  # Same texts, so the same tokenizer: a run resumed on the new version passes the tokenizer check.
+  tok_old = run_tokenizer.tokenizer_for_dataset(old, vocab_size=300)
+  tok_new = run_tokenizer.tokenizer_for_dataset(new, vocab_size=300)
+  assert tok_old.to_json() == tok_new.to_json()
+
+
+def test_earlier_version_that_is_not_prepared_is_one_clear_error(tmp_path):
+  with pytest.raises(UserError, match=r"'shapes/tiny:1\.0\.0' is not prepared.*input\.data=shapes/tiny"):
+    sources.open_source("shapes/tiny:1.0.0", str(tmp_path))
+  assert not any(tmp_path.iterdir())  # nothing written

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from vlm_jax.data import tokenizer as T, tokenizer_source
-from vlm_jax.data.builders import shapes_scene as S
+from vlm_jax.data.builders import shapes, shapes_scene as S
 from vlm_jax.errors import UserError
 from vlm_jax.hf.tokenizer import hf_fast_tokenizer
 
@@ -205,7 +205,7 @@ def test_vqa_truncation_keeps_the_answer():
 
 def test_tokenizer_for_dataset_trains_once_and_caches(data_dir, monkeypatch):
   tok = tokenizer_source.tokenizer_for_dataset("shapes/tiny", data_dir, vocab_size=500)
-  path = os.path.join(data_dir, "shapes", "tiny", "1.0.0", "tokenizer_wordpiece_v500.json")
+  path = os.path.join(data_dir, "shapes", "tiny", str(shapes.Shapes.VERSION), "tokenizer_wordpiece_v500.json")
   assert os.path.isfile(path)
   # Trained on the train split's captions, questions and answers.
   c, q, a = _shapes_texts("test", 20)

@@ -2,7 +2,8 @@
 
 `open_source(name, data_dir)` returns a prepared `tfds.core.DatasetBuilder` or raises UserError
 saying how to prepare it. Embedded datasets (generated locally, no network) are built on first
-use; a user's folder (`folder:/path`, see builders/folder.py) is prepared into data_dir on first
+use at their current version; an earlier version named as `shapes/tiny:1.0.0` is read where it
+is prepared (tfds cannot build it again); a user's folder (`folder:/path`, see builders/folder.py) is prepared into data_dir on first
 use and again when it changes; catalog datasets (cifar10, imagenet2012, coco_captions, ...) must
 already be prepared in `data_dir`, because these machines may have no network.
 `Host` says which share of every split a process reads.
@@ -56,6 +57,9 @@ def open_source(name: str, data_dir: str, prepare: bool = True) -> tfds.core.Dat
     return _open_folder(name[len(FOLDER_PREFIX):], data_dir)
   if _is_embedded(name):
     from vlm_jax.data.builders import shapes  # registers the builder; imports TensorFlow
+    base, _, version = name.partition(":")
+    if version and version != str(shapes.Shapes.VERSION):
+      return _open_earlier_version(base, version, str(shapes.Shapes.VERSION), data_dir)
     if prepare:
       try:
         return shapes.prepare(name, data_dir)
@@ -76,6 +80,20 @@ def open_source(name: str, data_dir: str, prepare: bool = True) -> tfds.core.Dat
         f"with manual downloads such as imagenet2012 need their archives in DIR/downloads/manual), then "
         f"copy DIR here and pass --config.data_dir=DIR.")
   return builder
+
+
+def _open_earlier_version(base: str, version: str, current: str,
+                          data_dir: str) -> tfds.core.DatasetBuilder:
+  import tensorflow_datasets as tfds
+
+  try:  # a named version is read from its prepared files, without the builder's code
+    return tfds.builder(f"{base}:{version}", data_dir=data_dir, try_gcs=False)
+  except (AssertionError, ValueError):  # tfds: not prepared, and the code builds another version
+    raise UserError(
+        f"dataset '{base}:{version}' is not prepared in data_dir '{data_dir}', and only its current "
+        f"version {current} can be built (the builder's release notes, in vlm_jax/data/builders/, "
+        f"say what changed): use --config.input.data={base}, or point --config.data_dir to the "
+        f"data_dir that holds version {version}.") from None
 
 
 def _open_folder(path: str, data_dir: str) -> tfds.core.DatasetBuilder:

@@ -7,4 +7,5 @@ Modules:
              caption tokeniser.
   vqa        VQA answer normalisation and VQA accuracy.
   retrieval  image->text and text->image recall@k from a similarity matrix.
+  detection  COCO mAP and mAP@0.5 by pycocotools; grounding accuracy at IoU 0.5.
 """

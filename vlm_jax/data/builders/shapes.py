@@ -6,6 +6,7 @@ pixels and language come from `shapes_scene`.
 
 import dataclasses
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 from vlm_jax.data.builders import prepared, shapes_build, shapes_scene
@@ -14,8 +15,10 @@ _DESCRIPTION = """\
 Procedurally generated scenes of one large and 0-2 small coloured shapes
 (circle, square, triangle, diamond; red, green, blue, yellow, purple, white)
 on a noisy dark background. Each image comes with a class label (colour and
-shape of the large object), a caption, 4 question/answer pairs and the objects
-with their boxes. Generated locally and deterministically: no download.
+shape of the large object), a caption, 4 question/answer pairs, the objects
+with their boxes, and a referring expression for each object (the shortest
+description that fits it alone, e.g. "the small red circle") with its box.
+Generated locally and deterministically: no download.
 """
 
 
@@ -51,9 +54,11 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
   array_record files).
   """
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
   RELEASE_NOTES = {
       "1.0.0": "Initial release: image, label, caption, 4 QA pairs, objects.",
+      "1.1.0": "Adds refs: one referring expression per object (expression, bbox, index into "
+               "objects). Images, labels, captions, QA and objects are unchanged.",
   }
   BUILDER_CONFIGS = [
       ShapesConfig(name="default",
@@ -86,6 +91,11 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
                 "size": tfds.features.ClassLabel(
                     names=list(shapes_scene.SIZES)),
             }),
+            "refs": tfds.features.Sequence({
+                "expression": tfds.features.Text(),
+                "bbox": tfds.features.BBoxFeature(),
+                "object": np.int32,  # index into objects
+            }),
         }),
         supervised_keys=("image", "label"),
     )
@@ -111,6 +121,7 @@ def _encoded_example(ex):
   # tfds Sequence features take a dict of lists.
   ex["qa"] = {k: [p[k] for p in ex["qa"]] for k in ("question", "answer")}
   ex["objects"] = {k: [o[k] for o in ex["objects"]] for k in ("bbox", "shape", "color", "size")}
+  ex["refs"] = {k: [r[k] for r in ex["refs"]] for k in ("expression", "bbox", "object")}
   return ex
 
 

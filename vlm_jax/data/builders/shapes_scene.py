@@ -1,9 +1,10 @@
-"""Scenes of the embedded `shapes` dataset: sampling, rendering, caption and QA.
+"""Scenes of the embedded `shapes` dataset: sampling, rendering, caption, QA, referring expressions.
 
 Pure numpy + PIL (no tensorflow, no jax), so it runs and is tested on its own;
 `shapes.py` only wraps it in a tfds builder. Everything an example holds is a
 function of one `np.random.Generator` seeded from (SEED, split_id, index), and
-the rng is consumed in a fixed order: scene, questions, then pixels. So
+the rng is consumed in a fixed order: scene, questions, then pixels (referring expressions
+are a function of the scene and draw nothing). So
 `sample_scene(example_rng(s, i))` alone gives the scene (and caption) of
 example i without rendering it, and only the pixels depend on the image size.
 
@@ -296,23 +297,70 @@ def sample_qa(scene, rng, num=4):
   return [_QA_FNS[t](scene, rng) for t in types]
 
 
+# Attribute sets of a referring expression, fewest words first ("the circle", "the red circle",
+# "the small circle", "the small red circle"); the noun is always the shape.
+_REF_ATTRS = ((), ("color",), ("size",), ("size", "color"))
+REF_SIDES = ("left", "right")
+
+
+def _ref_phrase(obj, attrs):
+  words = ["the"]
+  if "size" in attrs:
+    words.append(SIZES[int(obj.large)])
+  if "color" in attrs:
+    words.append(COLORS[obj.color])
+  return " ".join(words + [SHAPES[obj.shape]])
+
+
+def _describe(scene, index):
+  """The shortest expression that picks out scene[index] alone, or None."""
+  obj = scene[index]
+  for attrs in _REF_ATTRS:
+    if [_ref_phrase(o, attrs) for o in scene].count(_ref_phrase(obj, attrs)) == 1:
+      return _ref_phrase(obj, attrs)
+  # Objects that share every attribute (two identical small ones) are told apart by side, when
+  # exactly two objects fit the description and they are clearly apart horizontally.
+  for attrs in _REF_ATTRS:
+    same = sorted((o.cx, i) for i, o in enumerate(scene)
+                  if _ref_phrase(o, attrs) == _ref_phrase(obj, attrs))
+    if len(same) == 2 and same[1][0] - same[0][0] >= _MIN_SMALL_DX:
+      side = REF_SIDES[[i for _, i in same].index(index)]
+      return f"{_ref_phrase(obj, attrs)} on the {side}"
+  return None
+
+
+def referring_expressions(scene):
+  """(object index, expression) for each object that one description picks out alone.
+
+  The expression is the shortest of "the [small|large] [colour] shape" that no other object of
+  the scene fits (fewest words; colour before size at equal length), e.g. "the circle", "the red
+  square", "the large diamond"; objects identical in all three (two small ones) get "... on the
+  left" / "... on the right" of the two. In this generator every object gets one: identical
+  objects are always two small ones at least _MIN_SMALL_DX apart.
+  """
+  refs = [(i, _describe(scene, i)) for i in range(len(scene))]
+  return [(i, e) for i, e in refs if e is not None]
+
+
 def make_example(split_id, index, image_size=64, num_qa=4):
   """Example `index` of split `split_id` as plain numpy / python values."""
   rng = example_rng(split_id, index)
   scene = sample_scene(rng)
   qa = sample_qa(scene, rng, num_qa)
   image = render(scene, image_size, rng)  # last: its draws depend on the size
+  # tfds BBox order: ymin, xmin, ymax, xmax.
+  boxes = [np.clip(np.array([o.box[1], o.box[0], o.box[3], o.box[2]]), 0.0, 1.0) for o in scene]
   return {
       "image": image,
       "label": label_of(scene),
       "caption": caption(scene),
       "qa": [{"question": q, "answer": a} for q, a in qa],
       "objects": [{
-          # tfds BBox order: ymin, xmin, ymax, xmax.
-          "bbox": np.clip(np.array([o.box[1], o.box[0], o.box[3], o.box[2]]),
-                          0.0, 1.0),
+          "bbox": box,
           "shape": o.shape,
           "color": o.color,
           "size": int(o.large),
-      } for o in scene],
+      } for o, box in zip(scene, boxes)],
+      "refs": [{"expression": text, "bbox": boxes[i], "object": i}
+               for i, text in referring_expressions(scene)],
   }
