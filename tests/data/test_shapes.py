@@ -10,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 import vlm_jax.data.builders  # noqa: F401  (registers `shapes`)
-from vlm_jax.data import run_tokenizer, sources
+from vlm_jax.data import sources, tokenizer_source
 from vlm_jax.data.builders import shapes
 from vlm_jax.data.builders import shapes_scene as S
 from vlm_jax.errors import UserError
@@ -337,8 +337,8 @@ def test_old_data_dir_keeps_working(old_dir):
     assert (sorted(map(_fingerprint, _records(old.as_dataset(split=split))))
             == sorted(map(_fingerprint, _records(new.as_dataset(split=split)))))
   # Same texts, so the same tokenizer: a run resumed on the new version passes the tokenizer check.
-  tok_old = run_tokenizer.tokenizer_for_dataset(old, vocab_size=300)
-  tok_new = run_tokenizer.tokenizer_for_dataset(new, vocab_size=300)
+  tok_old = tokenizer_source.tokenizer_for_dataset(old, vocab_size=300)
+  tok_new = tokenizer_source.tokenizer_for_dataset(new, vocab_size=300)
   assert tok_old.to_json() == tok_new.to_json()
 
 
