@@ -47,8 +47,7 @@ def get_config(arg: str = ""):
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "float32"
   c.model.dtype_mm = "float32"  # "bfloat16": bf16 matmul operands, f32 accumulation (models.precision)
-  c.model.matmul = "auto"  # "xla" | "cpu_fused": f32 matmuls + LayerNorms on CPU kernels (precision.MATMUL)
-  c.model.attention = "auto"  # "xla" | "cpu_fused" (CPU) | "cudnn" (GPU flash attention): models.layers.ATTENTION
+  c.model.attention = "auto"  # "xla" | "cudnn" (GPU flash attention): vlm_jax.kernels.ATTENTION
   c.model.image = ConfigDict(dict(patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072, pool="map",
                                   ln_eps=1e-6, gelu_approximate=True, scan_layers=True, remat="dots_no_batch"))
   c.model.text = ConfigDict(dict(width=768, depth=12, num_heads=12, mlp_dim=3072, causal=False,

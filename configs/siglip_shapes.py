@@ -38,8 +38,7 @@ def get_config(arg: str = ""):
   c.model.dtype = "float32"
   c.model.param_dtype = "float32"
   c.model.dtype_mm = "float32"  # "bfloat16": bf16 matmul operands, f32 accumulation (models.precision)
-  c.model.matmul = "auto"  # "xla" | "cpu_fused": f32 matmuls + LayerNorms on CPU kernels (precision.MATMUL)
-  c.model.attention = "auto"  # "xla" | "cpu_fused" (CPU) | "cudnn" (GPU flash attention): models.layers.ATTENTION
+  c.model.attention = "auto"  # "xla" | "cudnn" (GPU flash attention): vlm_jax.kernels.ATTENTION
   c.model.image = ConfigDict(dict(patch_size=16, width=128, depth=4, num_heads=4, mlp_dim=256, pool="map",
                                   ln_eps=1e-6, gelu_approximate=True, scan_layers=False, remat="none"))
   # One text layer: a second one costs ~28% of the step (28 tokens vs 16 image tokens), and the

@@ -35,8 +35,7 @@ def get_config(arg: str = ""):
   c.model.dtype = "float32"
   c.model.param_dtype = "float32"
   c.model.dtype_mm = "float32"  # "bfloat16": bf16 matmul operands, f32 accumulation (models.precision)
-  c.model.matmul = "auto"  # "xla" | "cpu_fused": f32 matmuls + LayerNorms on CPU kernels (precision.MATMUL)
-  c.model.attention = "auto"  # "xla" | "cpu_fused" (CPU) | "cudnn" (GPU flash attention): models.layers.ATTENTION
+  c.model.attention = "auto"  # "xla" | "cudnn" (GPU flash attention): vlm_jax.kernels.ATTENTION
 
   c.optimizer.learning_rate = 1e-3
   c.optimizer.warmup_steps = 100

@@ -37,6 +37,7 @@ def _parse(*overrides, recipe=TINY, workdir="--workdir=/tmp/unused"):
     ("--config.total_steps=1.5", r"config: --config.total_steps=1.5 has the wrong type"),
     ("--config.input.flip=maybe", r"config: --config.input.flip=maybe has the wrong type"),
     ("--config.model.widht=3", r"config: unknown key 'widht' in --config.model.widht. Did you mean 'width'\?"),
+    ("--config.model.matmul=xla", r"config: invalid override --config.model.matmul: .*'matmul'.* Keys of every recipe"),
 ])
 def test_config_overrides_of_wrong_type_or_unknown_key(override, message):
   with pytest.raises(UserError, match=message):

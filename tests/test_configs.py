@@ -10,6 +10,7 @@ import pytest
 
 from vlm_jax import config, parallel
 from vlm_jax.data.sources import DataInfo
+from vlm_jax.errors import UserError
 from vlm_jax.runtime import build
 from vlm_jax.step import make_train_step
 
@@ -34,6 +35,28 @@ def test_config_json_of_an_older_version_gets_new_keys_as_defaults():
   assert cfg.nan_policy == config.base_config().nan_policy and cfg.optimizer.freeze == ""
   assert cfg.optimizer.learning_rate == 0.123  # saved values win
   config.validate(cfg)
+
+
+def test_config_json_with_retired_kernel_settings_still_builds():
+  """A workdir whose config.json records model.matmul and model.attention='cpu_fused' (the retired
+  CPU kernels; in a tower too) loads with them dropped / mapped to 'auto' and builds its task; a
+  recipe still holding one is one clear error."""
+  import json
+  d = json.loads(config.to_json(config.load(os.path.join(REPO, "configs/cappa_shapes.py"))))
+  d["model"].update(matmul="cpu_fused", attention="cpu_fused")
+  d["model"]["encoder"]["matmul"] = "auto"
+  cfg = config.from_json(json.dumps(d))
+  assert "matmul" not in cfg.model and "matmul" not in cfg.model.encoder and cfg.model.attention == "auto"
+  d = json.loads(config.to_json(config.load(os.path.join(REPO, "configs/vit_shapes.py:tiny"))))
+  d["model"].update(matmul="auto", attention="cpu_fused")
+  s = build(config.from_json(json.dumps(d)), DataInfo("shapes", 4, list("abcd"), {}, ()),
+                  devices=jax.devices()[:1])
+  assert s.task.model.attention_fn is None  # "auto" on a CPU: XLA's attention
+  recipe = config.load(os.path.join(REPO, "configs/vit_shapes.py"))
+  with recipe.unlocked():
+    recipe.model.matmul = "xla"
+  with pytest.raises(UserError, match=r"model.matmul='xla' is a retired setting .* delete it from the recipe"):
+    config.validate(recipe)
 
 
 def test_vit_b16_imagenet_one_fsdp_step_at_tiny_size():

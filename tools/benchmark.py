@@ -11,10 +11,6 @@ Subcommands (each prints a table and ends with one JSON line of the same figures
                    peers are built in tools/torch_peers.py.
   compile          compile time of the ViT train step, scanned vs unrolled layers, at several depths.
   input            input-pipeline images/s vs the train step's images/s for a recipe.
-  kernels          GFLOP/s of the CPU kernels against XLA on one transformer layer's shapes: each
-                   projection's forward, input-gradient and weight-gradient product (the f32 matmul
-                   kernel vs XLA's dot), and attention forward / forward + backward (the f32 attention
-                   kernel vs XLA's einsums); best of --repeats calls each.
   decode           greedy decoding tokens/s with and without the KV cache, at several batch sizes and
                    generation lengths, on a randomly initialised captioner of the given shape.
   siglip-loss      loss + gradient of the SigLIP (or CLIP) loss over a global batch sharded across
@@ -45,15 +41,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from vlm_jax import config as config_lib, decode, flops, optim, parallel  # noqa: E402
+from vlm_jax import config as config_lib, decode, flops, kernels, optim, parallel  # noqa: E402
 from vlm_jax.data import sources  # noqa: E402
 from vlm_jax.errors import UserError  # noqa: E402
-from vlm_jax.models.layers import ATTENTION  # noqa: E402
-from vlm_jax.models.precision import MATMUL  # noqa: E402
 from vlm_jax.models.vlm import Captioner  # noqa: E402
 from vlm_jax.runtime import build  # noqa: E402
 from vlm_jax.step import make_train_step  # noqa: E402
-from tools import kernel_timing, torch_peers  # noqa: E402
+from tools import torch_peers  # noqa: E402
 
 
 def _time(fn, repeats):
@@ -94,8 +88,7 @@ def _vit_config(a, scan=None):
   c.task, c.batch_size, c.total_steps = "classification", a.batch, 1000
   c.model.update(dict(patch_size=a.patch, width=a.width, depth=a.depth, num_heads=a.heads, mlp_dim=4 * a.width,
                       pool="cls", ln_eps=1e-12, scan_layers=a.scan if scan is None else scan, remat="none",
-                      dtype=a.dtype, param_dtype="float32", dtype_mm=a.dtype_mm,
-                      matmul=a.matmul, attention=a.attention))
+                      dtype=a.dtype, param_dtype="float32", dtype_mm=a.dtype_mm, attention=a.attention))
   c.input.image_size = a.image_size
   c.optimizer.grad_clip_norm = 0.0  # the PyTorch loop does not clip either
   return c
@@ -130,14 +123,14 @@ def _vit_step(a):
 
 def _caption_step(a):
   """Our Captioner (CLS-pooled ViT encoder, so 197 tokens like HF's ViTModel) + AdamW, jitted."""
+  attention_fn = kernels.attention_fn(a.attention, dtype=_dtype(a.dtype), dtype_mm=_dtype(a.dtype_mm),
+                                      head_dim=a.width // a.heads)
   model = Captioner(encoder=dict(patch_size=a.patch, width=a.width, depth=a.depth, num_heads=a.heads,
                                  mlp_dim=4 * a.width, pool="cls", ln_eps=1e-12, scan_layers=a.scan,
-                                 dtype=_dtype(a.dtype), dtype_mm=_dtype(a.dtype_mm), matmul=a.matmul,
-                                 attention=a.attention),
+                                 dtype=_dtype(a.dtype), dtype_mm=_dtype(a.dtype_mm), attention_fn=attention_fn),
                     decoder=dict(vocab_size=a.vocab, width=a.width, depth=a.dec_depth, num_heads=a.heads,
                                  mlp_dim=4 * a.width, max_len=a.text_len, scan_layers=a.scan, dtype=_dtype(a.dtype),
-                                 dtype_mm=_dtype(a.dtype_mm), matmul=a.matmul,
-                                 attention=a.attention))
+                                 dtype_mm=_dtype(a.dtype_mm), attention_fn=attention_fn))
   rng = np.random.default_rng(0)
   batch = {"image": rng.standard_normal((a.batch, a.image_size, a.image_size, 3), np.float32),
            "tokens": rng.integers(1, a.vocab, (a.batch, a.text_len + 1)).astype(np.int32)}
@@ -169,10 +162,8 @@ def _caption_step(a):
 
 
 def _attention_impl(program: str) -> str:
-  """Which attention ran in a lowered train step: cuDNN's flash attention, the CPU kernel, or XLA."""
-  if "cudnn$fmha" in program:
-    return "cudnn"
-  return "cpu_fused" if "vlm_jax_attention" in program else "xla"
+  """Which attention ran in a lowered train step: cuDNN's flash attention or XLA."""
+  return "cudnn" if "cudnn$fmha" in program else "xla"
 
 
 def _dtype(name):
@@ -201,7 +192,7 @@ def _compare(a, ours, theirs, flops_per_image, what, attention_impl, tokens=0):
   peak = flops.peak_flops_per_device(a.peak_tflops, dtype_mm=a.dtype_mm)  # the peak of the matmuls we run
   peak_f32 = flops.peak_flops_per_device(a.peak_tflops)
   out = {"benchmark": what, "device": jax.devices()[0].device_kind, "threads": a.threads, "dtype": a.dtype,
-         "dtype_mm": a.dtype_mm, "matmul": a.matmul, "attention": a.attention, "attention_impl": attention_impl,
+         "dtype_mm": a.dtype_mm, "attention": a.attention, "attention_impl": attention_impl,
          "batch": a.batch, "rounds": a.rounds, "steps_per_round": a.steps,
          "compile_s": compile_s, "vlm_jax_images_per_s": ips, "vlm_jax_tflops": ips * flops_per_image / 1e12,
          "peak_tflops": peak / 1e12 if peak else None, "mfu": ips * flops_per_image / peak if peak else None,
@@ -350,13 +341,9 @@ def _train_args(p):
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype (params stay f32)")
   p.add_argument("--dtype-mm", default="float32", choices=["float32", "bfloat16"],
                  help="our matmul operands (model.dtype_mm: bf16 products, f32 accumulation and activations)")
-  p.add_argument("--matmul", default="auto", choices=MATMUL,
-                 help="model.matmul: XLA's dot or the CPU matmul kernel for f32 matmuls (auto: the kernel on AVX2 "
-                      "CPUs without AVX-512)")
-  p.add_argument("--attention", default="auto", choices=ATTENTION,
-                 help="model.attention: XLA's einsums, the fused CPU kernel or cuDNN's flash attention (auto: "
-                      "cuDNN on a CUDA GPU for bf16, the CPU kernel's build for dtype_mm where this CPU can run "
-                      "it); the JSON's attention_impl says which ran")
+  p.add_argument("--attention", default="auto", choices=kernels.ATTENTION,
+                 help="model.attention: XLA's einsums or cuDNN's flash attention (auto: cuDNN on a CUDA GPU for "
+                      "bf16); the JSON's attention_impl says which ran")
   p.add_argument("--scan", action="store_true", help="scan over layers (default: unrolled, faster on CPU)")
   p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (medians are reported)")
   p.add_argument("--steps", type=int, default=2, help="train steps per round and framework")
@@ -413,18 +400,12 @@ def main(argv=None):
   c = sub.add_parser("compile", help="compile time, scanned vs unrolled layers")
   _model_args(c)
   c.add_argument("--depths", type=int, nargs="+", default=[2, 12, 24])
-  c.set_defaults(dtype="float32", dtype_mm="float32", matmul="auto", attention="auto", scan=False)
+  c.set_defaults(dtype="float32", dtype_mm="float32", attention="auto", scan=False)
   i = sub.add_parser("input", help="input pipeline images/s vs train step images/s")
   i.add_argument("--recipes", nargs="+", default=["configs/vit_shapes.py", "configs/cappa_shapes.py"])
   i.add_argument("--data-dir", default="")
   i.add_argument("--batches", type=int, default=30)
   i.add_argument("--steps", type=int, default=10)
-  k = sub.add_parser("kernels", help="the CPU matmul and attention kernels vs XLA on one layer's shapes")
-  k.add_argument("--width", type=int, default=192)
-  k.add_argument("--heads", type=int, default=3)
-  k.add_argument("--tokens", type=int, default=197, help="sequence length (ViT-Ti/16 at 224 px: 197)")
-  k.add_argument("--batch", type=int, default=32)
-  k.add_argument("--repeats", type=int, default=7)
   d = sub.add_parser("decode", help="KV-cache vs uncached greedy decoding")
   d.add_argument("--width", type=int, default=256)
   d.add_argument("--depth", type=int, default=4)
@@ -453,7 +434,7 @@ def main(argv=None):
   except ImportError:
     pass
   bench = {"train-vit": bench_train_vit, "train-captioner": bench_train_captioner, "compile": bench_compile,
-           "input": bench_input, "kernels": kernel_timing.bench_kernels, "decode": bench_decode, "siglip-loss": bench_siglip_loss}[a.cmd]
+           "input": bench_input, "decode": bench_decode, "siglip-loss": bench_siglip_loss}[a.cmd]
   try:
     result = bench(a)
   except UserError as e:  # e.g. --heads that do not divide --width: one line, as the trainer's CLI

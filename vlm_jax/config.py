@@ -115,10 +115,19 @@ def load(spec: str) -> ml_collections.ConfigDict:
   return cfg
 
 
+# Model settings that no longer exist, as recorded in older workdirs' config.json: `matmul` picked
+# CPU matmul kernels, and attention "cpu_fused" a CPU attention kernel ("auto" now).
+RETIRED_MODEL_KEYS = ("matmul",)
+RETIRED_ATTENTION = {"cpu_fused": "auto"}
+
+
 def from_json(text: str) -> ml_collections.ConfigDict:
   """The resolved config a run wrote to WORKDIR/config.json. Keys added to `base_config` since
-  that run take their defaults, so workdirs of older versions still evaluate and export."""
+  that run take their defaults and retired model settings are dropped (`_drop_retired`), so
+  workdirs of older versions still evaluate, export and resume."""
   d = json.loads(text)
+  if isinstance(d.get("model"), dict):
+    _drop_retired(d["model"])
   for key in ("random_crop_scale", "mean", "std"):
     if key in d.get("input", {}):
       d["input"][key] = tuple(d["input"][key])
@@ -126,6 +135,27 @@ def from_json(text: str) -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict(d)
   cfg.lock()
   return cfg
+
+
+def _drop_retired(model: dict) -> None:
+  """Removes RETIRED_MODEL_KEYS and maps RETIRED_ATTENTION, in `model` and its sub-dicts (towers)."""
+  for key in RETIRED_MODEL_KEYS:
+    model.pop(key, None)
+  if model.get("attention") in RETIRED_ATTENTION:
+    model["attention"] = RETIRED_ATTENTION[model["attention"]]
+  for v in model.values():
+    if isinstance(v, dict):
+      _drop_retired(v)
+
+
+def _retired_in(model, path="model") -> str:
+  """The first retired setting under `model` (a ConfigDict), as 'model.a.b=value', or ''."""
+  for key, v in model.items():
+    if key in RETIRED_MODEL_KEYS or (key == "attention" and v in RETIRED_ATTENTION):
+      return f"{path}.{key}={v!r}"
+    if isinstance(v, ml_collections.ConfigDict) and (found := _retired_in(v, f"{path}.{key}")):
+      return found
+  return ""
 
 
 def _fill_missing(d: dict, defaults: dict) -> None:
@@ -180,6 +210,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if cfg.get("nan_policy") not in NAN_POLICIES:
     raise UserError(f"config: nan_policy must be one of {', '.join(NAN_POLICIES)}, got {cfg.get('nan_policy')!r}.")
   parse_mesh(cfg.mesh)
+  if retired := _retired_in(cfg.model):
+    raise UserError(f"config: {retired} is a retired setting (it chose CPU kernels, which no longer exist); "
+                    f"delete it from the recipe (attention: use 'auto', 'xla' or 'cudnn').")
   for group, key in (("input", "image_size"), ("evals", "batch_size")):
     value = cfg[group].get(key)
     if not isinstance(value, int) or value <= 0:

@@ -1,19 +1,27 @@
-"""cuDNN flash attention on a CUDA GPU (`model.attention` "auto" / "cudnn", through
-`jax.nn.dot_product_attention`). No GPU here, so the tests pretend one (`layers._backend`) and ask
-JAX for its XLA implementation of the same call (`layers._GPU_IMPL`): the models must pick that
-path exactly where cuDNN applies (bf16/f16 compute or bf16 matmuls, no mask but the causal one, not
-decoding, head_dim a multiple of 8), give XLA's outputs and gradients through it, fall back where
-JAX refuses cuDNN under "auto", and name the cause and the fix for every impossible "cudnn".
+"""cuDNN flash attention on a CUDA GPU (`model.attention` "auto" / "cudnn", chosen by
+`vlm_jax.kernels` and handed to the models as their `attention_fn`, through
+`jax.nn.dot_product_attention`). No GPU here, so the tests pretend one (`kernels._backend`) and ask
+JAX for its XLA implementation of the same call (`kernels._GPU_IMPL`): the choice must give the
+models that path exactly where cuDNN applies (bf16/f16 compute or bf16 matmuls, head_dim a
+multiple of 8), the models must call it for the calls it takes (no mask but the causal one, not
+decoding) and give XLA's outputs and gradients through it, it must fall back where JAX refuses
+cuDNN under "auto", and every impossible "cudnn" must name the cause and the fix.
 """
+
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import REPO
 
-from vlm_jax.models import layers
+from vlm_jax import config as config_lib, kernels
+from vlm_jax.data import sources
+from vlm_jax.errors import UserError
 from vlm_jax.models.text import Decoder
 from vlm_jax.models.vit import ViT
+from vlm_jax.tasks import classification
 
 
 @pytest.fixture
@@ -26,15 +34,19 @@ def fake_gpu(monkeypatch):
   def spy(q, k, v, **kw):
     calls.append((q.dtype, kw["is_causal"], kw["implementation"]))
     return real(q, k, v, **kw)
-  monkeypatch.setattr(layers, "_backend", lambda: "gpu")
-  monkeypatch.setattr(layers, "_GPU_IMPL", "xla")
-  monkeypatch.setattr(layers.jax.nn, "dot_product_attention", spy)
+  monkeypatch.setattr(kernels, "_backend", lambda: "gpu")
+  monkeypatch.setattr(kernels, "_GPU_IMPL", "xla")
+  monkeypatch.setattr(kernels.jax.nn, "dot_product_attention", spy)
   return calls
 
 
-def _vit(att, dtype=jnp.bfloat16, heads=2, **kw):
+def _fn(att, dtype, width, heads, dtype_mm=jnp.float32):
+  return kernels.attention_fn(att, dtype=dtype, dtype_mm=dtype_mm, head_dim=width // heads)
+
+
+def _vit(att, dtype=jnp.bfloat16, heads=2, dtype_mm=jnp.float32, **kw):
   return ViT(num_classes=3, patch_size=4, width=32, depth=1, mlp_dim=64, num_heads=heads, dtype=dtype,
-             attention=att, **kw)
+             dtype_mm=dtype_mm, attention_fn=_fn(att, dtype, 32, heads, dtype_mm), **kw)
 
 
 def _loss_and_grads(model, x, calls=None):
@@ -90,7 +102,7 @@ def test_decoder_causal_self_and_cross_attention(fake_gpu):
   res = {}
   for att in ("xla", "auto"):
     dec = Decoder(vocab_size=50, width=32, depth=1, num_heads=2, mlp_dim=64, max_len=16, dtype=jnp.bfloat16,
-                  attention=att)
+                  attention_fn=_fn(att, jnp.bfloat16, 32, 2))
     params = jax.jit(dec.init)(jax.random.PRNGKey(0), tokens, encoded)
     fake_gpu.clear()
     res[att] = jax.jit(jax.value_and_grad(
@@ -102,9 +114,11 @@ def test_decoder_causal_self_and_cross_attention(fake_gpu):
 
 
 def test_auto_keeps_xla_where_cudnn_does_not_apply(fake_gpu):
-  _trace(_vit("auto", dtype=jnp.float32), X, fake_gpu)  # f32 attention
-  assert not fake_gpu
-  _trace(_vit("auto", heads=8), X, fake_gpu)  # head_dim 4
+  assert _fn("auto", jnp.float32, 32, 2) is None  # f32 attention
+  assert _fn("auto", jnp.bfloat16, 32, 8) is None  # head_dim 4
+  assert _fn("auto", jnp.bfloat16, 512, 2) is None  # head_dim 256
+  assert _fn("xla", jnp.bfloat16, 32, 2) is None
+  _trace(_vit("auto", dtype=jnp.float32), X, fake_gpu)
   assert not fake_gpu
   _trace(_vit("auto", pool="map"), X, fake_gpu)  # the MAP head's probe attends without a mask
   assert len(fake_gpu) == 3  # the scanned layer (traced twice) and the MAP head
@@ -113,21 +127,43 @@ def test_auto_keeps_xla_where_cudnn_does_not_apply(fake_gpu):
 def test_auto_falls_back_where_jax_refuses_cudnn(fake_gpu, monkeypatch):
   def refuse(*a, **kw):
     raise NotImplementedError("Unsupported sequence length")
-  monkeypatch.setattr(layers.jax.nn, "dot_product_attention", refuse)
+  monkeypatch.setattr(kernels.jax.nn, "dot_product_attention", refuse)
   got = _loss_and_grads(_vit("auto"), X)
   want = _loss_and_grads(_vit("xla"), X)
   np.testing.assert_array_equal(np.float32(got[0]), np.float32(want[0]))
-  with pytest.raises(ValueError, match="'cudnn' cannot run here: Unsupported sequence length.*'auto' or 'xla'"):
+  with pytest.raises(UserError, match="'cudnn' cannot run here: Unsupported sequence length.*'auto' or 'xla'"):
     _loss_and_grads(_vit("cudnn"), X)
 
 
 def test_impossible_cudnn_is_a_clear_error(fake_gpu, monkeypatch):
-  with pytest.raises(ValueError, match=r"computes in bf16 or f16.*float32; set model.dtype or model.dtype_mm"):
-    _trace(_vit("cudnn", dtype=jnp.float32), X, fake_gpu)
-  with pytest.raises(ValueError, match="multiple of 8 and at most 128, not 4"):
-    _trace(_vit("cudnn", heads=8), X, fake_gpu)
-  monkeypatch.setattr(layers, "_backend", lambda: "cpu")
-  with pytest.raises(ValueError, match="needs a CUDA GPU, and this process runs on cpu"):
-    _trace(_vit("cudnn"), X, fake_gpu)
+  """Raised where the choice is made, before any model is built."""
+  with pytest.raises(UserError, match=r"computes in bf16 or f16.*float32; set model.dtype or model.dtype_mm"):
+    _fn("cudnn", jnp.float32, 32, 2)
+  with pytest.raises(UserError, match="multiple of 8 and at most 128, not 4.*change num_heads or set model"):
+    _fn("cudnn", jnp.bfloat16, 32, 8)
+  with pytest.raises(UserError, match="'cpu_fused' is not one of auto, xla, cudnn"):
+    _fn("cpu_fused", jnp.bfloat16, 32, 2)
+  monkeypatch.setattr(kernels, "_backend", lambda: "cpu")
+  with pytest.raises(UserError, match="needs a CUDA GPU, and this process runs on cpu"):
+    _fn("cudnn", jnp.bfloat16, 32, 2)
+  assert _fn("auto", jnp.bfloat16, 32, 2) is None  # a CPU never asks for it
   _trace(_vit("auto"), X, fake_gpu)
-  assert not fake_gpu  # a CPU never asks for it
+  assert not fake_gpu
+
+
+def test_the_config_reaches_the_models_through_the_task(fake_gpu, monkeypatch):
+  """`model.attention` in a recipe becomes the task model's attention_fn (and "cudnn" on a CPU the
+  error of `kernels`, raised when the task is built)."""
+  cfg = config_lib.load(os.path.join(REPO, "configs/vit_shapes.py"))
+  info = sources.DataInfo("shapes", 4, ["a", "b", "c", "d"], {}, ())
+  with cfg.unlocked():
+    cfg.model.dtype = "bfloat16"
+  assert classification.Task(cfg, info).model.attention_fn is not None
+  with cfg.unlocked():
+    cfg.model.attention = "xla"
+  assert classification.Task(cfg, info).model.attention_fn is None
+  monkeypatch.setattr(kernels, "_backend", lambda: "cpu")
+  with cfg.unlocked():
+    cfg.model.attention = "cudnn"
+  with pytest.raises(UserError, match="needs a CUDA GPU"):
+    classification.Task(cfg, info)

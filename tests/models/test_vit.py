@@ -1,5 +1,6 @@
 """ViT: output shapes per pooling, scan == unrolled, logical names on every parameter, posemb resize,
-the patch embedding equals the conv it replaces, the class-token-only last block (`pooled_only`)."""
+the patch embedding's parameter layout and values (flattened patches times the HWIO kernel), the
+class-token-only last block (`pooled_only`)."""
 
 import flax.linen as nn
 import jax
@@ -40,11 +41,9 @@ def test_scan_matches_unrolled():
   assert float(jnp.abs(a).max()) > 0
 
 
-@pytest.mark.parametrize("matmul", ["auto", "xla"])  # the CPU kernels (where this CPU runs them) and XLA
-def test_pooled_only_prunes_the_last_block_with_the_same_logits_and_gradients(matmul):
+def test_pooled_only_prunes_the_last_block_with_the_same_logits_and_gradients():
   x = jax.random.normal(jax.random.PRNGKey(1), (3, 32, 32, 3))
-  kw = dict(num_classes=5, pool="cls", scan_layers=False, head_zero_init=False, matmul=matmul, attention=matmul,
-            **{**KW, "depth": 3})
+  kw = dict(num_classes=5, pool="cls", scan_layers=False, head_zero_init=False, **{**KW, "depth": 3})
   full, pruned = ViT(**kw), ViT(pooled_only=True, **kw)
   assert pruned.prunes_last_layer() and not full.prunes_last_layer()
   p = nn.meta.unbox(full.init(jax.random.PRNGKey(0), x))
@@ -133,16 +132,29 @@ def test_bf16_compute_keeps_f32_params():
   assert aux["tokens"].dtype == jnp.bfloat16
 
 
-@pytest.mark.parametrize("matmul", ["xla", "auto"])
-def test_patch_embedding_equals_the_strided_conv_it_replaces(matmul):
-  """PatchEmbed holds a VALID stride-p conv's parameters and computes that conv (trailing pixels
-  that fill no patch dropped), in value and in gradient."""
+def _patch_matmul(x, kernel, bias):
+  """The patch embedding written out: VALID p x p patches (trailing pixels dropped), each flattened
+  in (row, column, channel) order, times the [p, p, C, D] kernel flattened the same way."""
+  p, _, c, d = kernel.shape
+  b, gh, gw = x.shape[0], x.shape[1] // p, x.shape[2] // p
+  patches = x[:, :gh * p, :gw * p].reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return patches.reshape(b, gh, gw, p * p * c) @ kernel.reshape(p * p * c, d) + bias
+
+
+@pytest.mark.parametrize("dtype_mm", [jnp.float32, jnp.bfloat16])
+def test_patch_embedding_keeps_the_hwio_layout_and_computes_the_patch_matmul(dtype_mm):
+  """PatchEmbed's parameters are `kernel` [p, p, C, D] and `bias` [D] (the layout checkpoints and the
+  Hugging Face export use), and it computes flattened patches times that kernel, with bf16
+  operands under dtype_mm bf16."""
   x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 35, 33, 3)), jnp.float32)
-  pe, conv = PatchEmbed(24, 8, matmul=matmul), nn.Conv(24, (8, 8), strides=(8, 8), padding="VALID")
-  params = jax.tree.map(lambda a: a + 0.1, nn.unbox(jax.jit(pe.init)(jax.random.PRNGKey(0), x)))
-  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, conv.init(jax.random.PRNGKey(0), x))
-  f = lambda m: jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(jnp.sin(m.apply(p, x))), argnums=(0, 1)))
-  (v1, g1), (v2, g2) = f(pe)(params, x), f(conv)(params, x)
-  np.testing.assert_allclose(v1, v2, rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  pe = PatchEmbed(24, 8, dtype_mm=dtype_mm)
+  params = nn.unbox(jax.jit(pe.init)(jax.random.PRNGKey(0), x))["params"]
+  assert jax.tree.map(jnp.shape, params) == {"kernel": (8, 8, 3, 24), "bias": (24,)}
+  params = {"kernel": params["kernel"], "bias": params["bias"] + 0.1}
+  got = pe.apply({"params": params}, x)
+  assert got.shape == (2, 4, 4, 24) and got.dtype == jnp.float32
+  rnd = (lambda a: a.astype(jnp.bfloat16).astype(jnp.float32)) if dtype_mm == jnp.bfloat16 else (lambda a: a)
+  want = _patch_matmul(rnd(x), rnd(params["kernel"]), params["bias"])
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  if dtype_mm == jnp.bfloat16:  # the operands really were rounded
+    assert float(jnp.abs(got - _patch_matmul(x, params["kernel"], params["bias"])).max()) > 1e-3

@@ -24,7 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.models.layers import BTD, EncoderBlock, Mlp, MultiHeadAttention, constrain, layer_norm, logical, stack_layers
+from vlm_jax.models.layers import (BTD, AttentionFn, EncoderBlock, Mlp, MultiHeadAttention, constrain, layer_norm,
+                                   logical, stack_layers)
 
 Dtype = Any
 TEXT_POOLS = ("last", "last_position", "first", "mean")
@@ -54,25 +55,24 @@ class DecoderBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   dtype_mm: Dtype = jnp.float32
-  matmul: str = "auto"
-  attention: str = "auto"
+  attention_fn: AttentionFn = None
 
   @nn.compact
   def __call__(self, x, encoded, self_mask=None):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    mm = dict(kw, dtype_mm=self.dtype_mm, matmul=self.matmul)
+    mm = dict(kw, dtype_mm=self.dtype_mm)
     drop = lambda y: nn.Dropout(self.dropout)(y, self.deterministic)
     x = constrain(x, BTD)
-    y = layer_norm(self.ln_eps, name="ln1", matmul=self.matmul, **kw)(x)
-    y = MultiHeadAttention(self.num_heads, name="self_attn", attention=self.attention, **mm)(
+    y = layer_norm(self.ln_eps, name="ln1", **kw)(x)
+    y = MultiHeadAttention(self.num_heads, name="self_attn", attention_fn=self.attention_fn, **mm)(
         y, mask=self_mask, deterministic=self.deterministic, causal=self.causal, decode=self.decode,
         cache_len=self.max_len)
     x = x + drop(y)
-    y = layer_norm(self.ln_eps, name="ln_cross", matmul=self.matmul, **kw)(x)
-    y = MultiHeadAttention(self.num_heads, name="cross_attn", attention=self.attention, **mm)(
+    y = layer_norm(self.ln_eps, name="ln_cross", **kw)(x)
+    y = MultiHeadAttention(self.num_heads, name="cross_attn", attention_fn=self.attention_fn, **mm)(
         y, context=encoded, deterministic=self.deterministic, decode=self.decode)
     x = x + drop(y)
-    y = layer_norm(self.ln_eps, name="ln2", matmul=self.matmul, **kw)(x)
+    y = layer_norm(self.ln_eps, name="ln2", **kw)(x)
     y = Mlp(self.mlp_dim, gelu_approximate=self.gelu_approximate, name="mlp", **mm)(y, self.deterministic)
     x = x + drop(y)
     return constrain(x, BTD), None
@@ -101,8 +101,7 @@ class Decoder(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   dtype_mm: Dtype = jnp.float32  # matmul operands (see models.precision)
-  matmul: str = "auto"  # see models.precision.MATMUL
-  attention: str = "auto"  # see layers.ATTENTION
+  attention_fn: AttentionFn = None  # see layers.MultiHeadAttention
 
   @nn.compact
   def __call__(self, tokens, encoded, *, causal: bool = True, decode: bool = False, deterministic: bool = True):
@@ -143,12 +142,12 @@ class Decoder(nn.Module):
       raise ValueError("encoded may be None only in decode=True calls after the first")
     block_kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, max_len=self.max_len, dropout=self.dropout,
                     ln_eps=self.ln_eps, gelu_approximate=self.gelu_approximate, causal=causal, decode=decode,
-                    deterministic=deterministic, dtype_mm=self.dtype_mm, matmul=self.matmul, attention=self.attention,
+                    deterministic=deterministic, dtype_mm=self.dtype_mm, attention_fn=self.attention_fn,
                     **kw)
     remat = "none" if decode else self.remat  # nothing to save for a backward pass while decoding
     args = (encoded,) if self_mask is None else (encoded, self_mask)
     x, _ = stack_layers(DecoderBlock, self.depth, self.scan_layers, remat)(block_kw)(x, *args)
-    x = layer_norm(self.ln_eps, name="norm", matmul=self.matmul, **kw)(x)
+    x = layer_norm(self.ln_eps, name="norm", **kw)(x)
     if self.tie_embeddings:
       logits = embed.attend(x)
     else:
@@ -178,8 +177,7 @@ class TextEncoder(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   dtype_mm: Dtype = jnp.float32  # matmul operands (see models.precision)
-  matmul: str = "auto"  # see models.precision.MATMUL
-  attention: str = "auto"  # see layers.ATTENTION
+  attention_fn: AttentionFn = None  # see layers.MultiHeadAttention
 
   @nn.compact
   def __call__(self, tokens, *, deterministic: bool = True):
@@ -197,7 +195,7 @@ class TextEncoder(nn.Module):
     if bert:  # every token has type 0 (single sentences)
       types = self.param("type_embedding", logical(nn.initializers.normal(0.02), (None, "embed")),
                          (self.type_vocab_size, self.width), self.param_dtype)
-      x = layer_norm(self.ln_eps, name="embed_norm", matmul=self.matmul, **kw)(x + types[0].astype(self.dtype))
+      x = layer_norm(self.ln_eps, name="embed_norm", **kw)(x + types[0].astype(self.dtype))
     x = nn.Dropout(self.dropout)(constrain(x, BTD), deterministic)
     valid = tokens != self.pad_id
     mask = valid[:, None, None, :]  # keys: padding is never attended to
@@ -205,10 +203,10 @@ class TextEncoder(nn.Module):
       mask = jnp.logical_and(mask, jnp.tril(jnp.ones((t, t), bool))[None, None])
     block_kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout, ln_eps=self.ln_eps,
                     gelu_approximate=self.gelu_approximate, post_ln=bert, deterministic=deterministic,
-                    dtype_mm=self.dtype_mm, matmul=self.matmul, attention=self.attention, **kw)
+                    dtype_mm=self.dtype_mm, attention_fn=self.attention_fn, **kw)
     x, _ = stack_layers(EncoderBlock, self.depth, self.scan_layers, self.remat)(block_kw)(x, mask)
     if not bert:
-      x = layer_norm(self.ln_eps, name="norm", matmul=self.matmul, **kw)(x)
+      x = layer_norm(self.ln_eps, name="norm", **kw)(x)
     if self.pool == "first":
       pooled = x[:, 0]
     elif self.pool == "last_position":

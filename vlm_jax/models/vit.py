@@ -1,9 +1,9 @@
 """Vision Transformer: patch embedding, pre-LN encoder, pooling (cls / gap / map), optional head.
 
 Layout follows ViT/big_vision and maps one-to-one onto Hugging Face ViT / SigLIP vision models:
-patch embedding with a stride-p conv's parameters [p, p, C, D] (run as one matmul), learned
-position embedding over the patch grid (plus a class-token row first when `pool == "cls"`), optionally a LayerNorm on the embeddings
-(`pre_norm`, CLIP's `pre_layrnorm`), pre-LN blocks, final LayerNorm, then pooling.
+patch embedding as a stride-p conv (kernel [p, p, C, D], HWIO), learned position embedding over
+the patch grid (plus a class-token row first when `pool == "cls"`), optionally a LayerNorm on the
+embeddings (`pre_norm`, CLIP's `pre_layrnorm`), pre-LN blocks, final LayerNorm, then pooling.
 `resize_posemb` interpolates a position embedding to another grid when a checkpoint trained at
 one resolution initialises a model at another.
 """
@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlm_jax.models.layers import BTD, EncoderBlock, Mlp, MultiHeadAttention, constrain, layer_norm, logical, stack_layers
-from vlm_jax.models.precision import dot_general
+from vlm_jax.models.layers import (BTD, AttentionFn, EncoderBlock, Mlp, MultiHeadAttention, constrain, layer_norm,
+                                   logical, stack_layers)
+from vlm_jax.models.precision import conv_general_dilated
 
 Dtype = Any
 POOLS = ("cls", "gap", "map", "none")
@@ -34,45 +35,38 @@ class Encoder(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   dtype_mm: Dtype = jnp.float32
-  matmul: str = "auto"
-  attention: str = "auto"
+  attention_fn: AttentionFn = None
   last_queries: int = 0  # >0: the last block outputs only the first last_queries tokens (unrolled only)
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
     kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout, ln_eps=self.ln_eps,
               gelu_approximate=self.gelu_approximate, deterministic=deterministic, dtype=self.dtype,
-              param_dtype=self.param_dtype, dtype_mm=self.dtype_mm, matmul=self.matmul,
-              attention=self.attention)
+              param_dtype=self.param_dtype, dtype_mm=self.dtype_mm, attention_fn=self.attention_fn)
     last = {"queries": self.last_queries} if self.last_queries else None
     x, _ = stack_layers(EncoderBlock, self.depth, self.scan_layers, self.remat)(kw, last_kwargs=last)(x)
-    return layer_norm(self.ln_eps, self.dtype, self.param_dtype, "norm", self.matmul)(x)
+    return layer_norm(self.ln_eps, self.dtype, self.param_dtype, "norm")(x)
 
 
 class PatchEmbed(nn.Module):
-  """images [B, H, W, C] -> [B, H/p, W/p, width]: a stride-p, VALID p x p conv (kernel [p, p, C, width],
-  bias [width], as flax's Conv names them), computed as flattened patches times the kernel. XLA:CPU
-  runs this conv at a fraction of its matmul rate; the matmul also goes through dtype_mm/matmul."""
+  """images [B, H, W, C] -> [B, H/p, W/p, width]: a stride-p, VALID p x p convolution with
+  `nn.Conv`'s parameters (kernel [p, p, C, width] HWIO, bias [width]) held directly, so they sit at
+  `embedding/kernel` and `embedding/bias`; with dtype_mm bf16 its operands are bf16, accumulated in f32."""
   width: int
   patch_size: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   dtype_mm: Dtype = jnp.float32
-  matmul: str = "auto"
 
   @nn.compact
   def __call__(self, images):
-    p = self.patch_size
-    b, h, w, c = images.shape
-    gh, gw = h // p, w // p  # VALID: trailing rows/columns that fill no patch are dropped
+    p, c = self.patch_size, images.shape[-1]
     kernel = self.param("kernel", logical(nn.initializers.lecun_normal(), (None, None, None, "embed")),
                         (p, p, c, self.width), self.param_dtype)
     bias = self.param("bias", logical(nn.initializers.zeros, ("embed",)), (self.width,), self.param_dtype)
-    x = images[:, :gh * p, :gw * p].astype(self.dtype).reshape(b, gh, p, gw, p, c)
-    x = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, p * p * c)  # patches, flattened like the kernel
-    y = dot_general(self.dtype_mm, self.matmul)(x, kernel.astype(self.dtype).reshape(p * p * c, self.width),
-                                                (((2,), (0,)), ((), ())))
-    return (y + bias.astype(self.dtype)).reshape(b, gh, gw, self.width)
+    y = conv_general_dilated(self.dtype_mm)(images.astype(self.dtype), kernel.astype(self.dtype), (p, p), "VALID",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + bias.astype(self.dtype)
 
 
 class MAPHead(nn.Module):
@@ -84,18 +78,17 @@ class MAPHead(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   dtype_mm: Dtype = jnp.float32
-  matmul: str = "auto"
-  attention: str = "auto"
+  attention_fn: AttentionFn = None
 
   @nn.compact
   def __call__(self, x):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    mm = dict(kw, dtype_mm=self.dtype_mm, matmul=self.matmul)
+    mm = dict(kw, dtype_mm=self.dtype_mm)
     probe = self.param("probe", logical(nn.initializers.xavier_uniform(), (None, None, "embed")),
                        (1, 1, x.shape[-1]), self.param_dtype)
     probe = jnp.tile(probe.astype(self.dtype), (x.shape[0], 1, 1))
-    x = MultiHeadAttention(self.num_heads, name="attn", attention=self.attention, **mm)(probe, context=x)
-    y = layer_norm(self.ln_eps, name="ln", matmul=self.matmul, **kw)(x)
+    x = MultiHeadAttention(self.num_heads, name="attn", attention_fn=self.attention_fn, **mm)(probe, context=x)
+    y = layer_norm(self.ln_eps, name="ln", **kw)(x)
     x = x + Mlp(self.mlp_dim, gelu_approximate=self.gelu_approximate, name="mlp", **mm)(y)
     return x[:, 0]
 
@@ -119,8 +112,7 @@ class ViT(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   dtype_mm: Dtype = jnp.float32  # matmul operands (see models.precision)
-  matmul: str = "auto"  # see models.precision.MATMUL
-  attention: str = "auto"  # see layers.ATTENTION
+  attention_fn: AttentionFn = None  # see layers.MultiHeadAttention
   # Set by callers that read only the pooled output or logits (the classification task, the
   # two-tower model): with pool="cls" and unrolled layers the last block then runs the class token
   # alone through its attention queries and MLP (keys and values still come from every token), the
@@ -137,7 +129,7 @@ class ViT(nn.Module):
       raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     p = self.patch_size
-    x = PatchEmbed(self.width, p, name="embedding", dtype_mm=self.dtype_mm, matmul=self.matmul, **kw)(images)
+    x = PatchEmbed(self.width, p, name="embedding", dtype_mm=self.dtype_mm, **kw)(images)
     b, h, w, d = x.shape
     x = x.reshape(b, h * w, d)
     if self.pool == "cls":
@@ -147,19 +139,18 @@ class ViT(nn.Module):
                      (1, x.shape[1], d), self.param_dtype)
     x = constrain(x + pos.astype(self.dtype), BTD)
     if self.pre_norm:
-      x = layer_norm(self.ln_eps, name="pre_norm", matmul=self.matmul, **kw)(x)
+      x = layer_norm(self.ln_eps, name="pre_norm", **kw)(x)
     x = nn.Dropout(self.dropout)(x, not train)
     x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.dropout, self.ln_eps, self.gelu_approximate,
                 self.scan_layers, self.remat, name="encoder", dtype_mm=self.dtype_mm,
-                matmul=self.matmul, attention=self.attention, last_queries=int(self.prunes_last_layer()),
-                **kw)(x, not train)
+                attention_fn=self.attention_fn, last_queries=int(self.prunes_last_layer()), **kw)(x, not train)
     if self.pool == "cls":
       pooled = x[:, 0]
     elif self.pool == "gap":
       pooled = x.mean(axis=1)
     elif self.pool == "map":
       pooled = MAPHead(self.num_heads, self.mlp_dim, self.ln_eps, self.gelu_approximate, name="map_head",
-                       dtype_mm=self.dtype_mm, matmul=self.matmul, attention=self.attention, **kw)(x)
+                       dtype_mm=self.dtype_mm, attention_fn=self.attention_fn, **kw)(x)
     else:
       pooled = x
     aux = {"tokens": x, "pooled": pooled}

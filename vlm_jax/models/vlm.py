@@ -88,7 +88,6 @@ class TwoTower(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   dtype_mm: Any = jnp.float32  # the projections' matmuls; the towers take theirs from image/text
-  matmul: str = "auto"  # likewise (models.precision.MATMUL)
 
   def setup(self):
     img = dict(self.image or {})
@@ -106,7 +105,8 @@ class TwoTower(nn.Module):
       if not proj and width != dim:
         raise ValueError(f"the {which} tower has width {width} but embed_dim is {dim}: set {which}_proj=True")
     dense = lambda name: nn.Dense(dim, use_bias=self.proj_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                                  dot_general=dot_general(self.dtype_mm, self.matmul), name=name, kernel_init=logical(nn.initializers.lecun_normal(), ("embed", None)),
+                                  dot_general=dot_general(self.dtype_mm), name=name,
+                                  kernel_init=logical(nn.initializers.lecun_normal(), ("embed", None)),
                                   bias_init=logical(nn.initializers.zeros, (None,)))
     self.img_proj = dense("img_proj") if self.image_proj else None
     self.txt_proj = dense("txt_proj") if self.text_proj else None

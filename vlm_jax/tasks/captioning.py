@@ -23,6 +23,8 @@ from vlm_jax import decode
 from vlm_jax.data import tokenizer as tokenizer_lib, tokenizer_source
 from vlm_jax.errors import UserError
 from vlm_jax.metrics import caption as caption_metrics, vqa as vqa_metrics
+from vlm_jax.models.text import Decoder
+from vlm_jax.models.vit import ViT
 from vlm_jax.models.vlm import Captioner
 from vlm_jax.tasks.common import module_kwargs
 
@@ -45,9 +47,9 @@ class Task:
     m = cfg.model
     self.masked_pred_prob = float(m.get("masked_pred_prob", 0.0))
     self.decode_len = cfg.evals.decode_len or (inp.max_len - 1)
-    shared = {k: m[k] for k in ("dtype", "param_dtype", "dtype_mm", "matmul", "attention") if k in m}  # compute/param dtypes of both towers
-    enc = module_kwargs({**m.encoder.to_dict(), **shared})
-    dec = module_kwargs({**m.decoder.to_dict(), **shared})
+    shared = {k: m[k] for k in ("dtype", "param_dtype", "dtype_mm", "attention") if k in m}  # compute/param dtypes of both towers
+    enc = module_kwargs({**m.encoder.to_dict(), **shared}, ViT)
+    dec = module_kwargs({**m.decoder.to_dict(), **shared}, Decoder)
     # Positions must cover the longest prompt (qa: the whole input.max_len row) plus the generated
     # tokens; recipes set model.decoder.max_len so captioning and VQA runs share one shape.
     needed = inp.max_len + (self.decode_len if self.mode == "qa" else 0)

@@ -24,7 +24,7 @@ class Task:
     self.image_size = cfg.input.image_size
     try:
       # Only the logits are read, so a class-token-pooled ViT may skip the other tokens' last-layer work.
-      self.model = ViT(num_classes=data_info.num_classes, **{"pooled_only": True, **module_kwargs(cfg.model)})
+      self.model = ViT(num_classes=data_info.num_classes, **{"pooled_only": True, **module_kwargs(cfg.model, ViT)})
     except TypeError as e:
       raise UserError(f"model config does not fit ViT: {e}. Check the keys under `model`.") from None
 

@@ -2,15 +2,17 @@
 
 import jax.numpy as jnp
 
+from vlm_jax import kernels
 from vlm_jax.errors import UserError
-from vlm_jax.models.layers import ATTENTION
-from vlm_jax.models.precision import MATMUL, MM_DTYPES
+from vlm_jax.models.precision import MM_DTYPES
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def module_kwargs(model_cfg, exclude=()) -> dict:
-  """A config's `model` ConfigDict (or a dict) as keyword arguments of a Flax module (dtype names resolved)."""
+def module_kwargs(model_cfg, module=None, exclude=()) -> dict:
+  """A config's `model` ConfigDict (or a dict) as keyword arguments of the Flax module class
+  `module` (dtype names resolved). With `module`, `attention` ("auto" unless set) becomes the
+  module's `attention_fn`, chosen by `vlm_jax.kernels` for its dtypes and head dimension."""
   d = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
   kw = {k: v for k, v in d.items() if k not in exclude}
   for key in ("dtype", "param_dtype", "dtype_mm"):
@@ -19,8 +21,9 @@ def module_kwargs(model_cfg, exclude=()) -> dict:
       if kw[key] not in allowed:
         raise UserError(f"model.{key}='{kw[key]}' is not one of {', '.join(allowed)}.")
       kw[key] = allowed[kw[key]]
-  if kw.get("attention", "auto") not in ATTENTION:
-    raise UserError(f"model.attention='{kw['attention']}' is not one of {', '.join(ATTENTION)}.")
-  if kw.get("matmul", "auto") not in MATMUL:
-    raise UserError(f"model.matmul='{kw['matmul']}' is not one of {', '.join(MATMUL)}.")
+  if module is not None:
+    get = lambda key: kw.get(key, getattr(module, key))
+    head_dim = get("width") // get("num_heads") if get("num_heads") else 0  # the module reports bad heads
+    kw["attention_fn"] = kernels.attention_fn(kw.pop("attention", "auto"), dtype=get("dtype"),
+                                              dtype_mm=get("dtype_mm"), head_dim=head_dim)
   return kw

@@ -33,6 +33,8 @@ from vlm_jax.data import tokenizer as tokenizer_lib, tokenizer_source
 from vlm_jax.errors import UserError
 from vlm_jax.hf import bert
 from vlm_jax.metrics import retrieval
+from vlm_jax.models.text import TextEncoder
+from vlm_jax.models.vit import ViT
 from vlm_jax.models.vlm import TwoTower
 from vlm_jax.optim import param_path
 from vlm_jax.parallel import BATCH_AXES
@@ -140,9 +142,9 @@ class Task:
     self.cfg, self.loss_kind = cfg, m.get("loss", "sigmoid")
     if self.loss_kind not in LOSSES:
       raise UserError(f"model.loss='{self.loss_kind}' is unknown; use {' or '.join(LOSSES)}.")
-    shared = {k: m[k] for k in ("dtype", "param_dtype", "dtype_mm", "matmul", "attention") if k in m}
-    img = module_kwargs({**m.image.to_dict(), **shared})
-    txt = module_kwargs({**m.text.to_dict(), **shared})
+    shared = {k: m[k] for k in ("dtype", "param_dtype", "dtype_mm", "attention") if k in m}
+    img = module_kwargs({**m.image.to_dict(), **shared}, ViT)
+    txt = module_kwargs({**m.text.to_dict(), **shared}, TextEncoder)
     self.text_init = m.get("text_init", "")
     self.image_init = m.get("image_init", "")
     if txt.get("layout") == "bert" or self.text_init:
