@@ -85,7 +85,7 @@ def _render_workers(proc):
   """The render workers (children of the build subprocess) under proc, once both exist."""
   try:
     for child in psutil.Process(proc.pid).children():
-      if "vlm_jax.data.builders.shapes_build" in " ".join(child.cmdline()):
+      if "vlm_jax.data.builders.shapes_process" in " ".join(child.cmdline()):
         workers = child.children()
         return (child, workers) if len(workers) == 2 else None
   except psutil.NoSuchProcess:

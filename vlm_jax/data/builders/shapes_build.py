@@ -3,7 +3,7 @@
 A process that has started JAX or TensorFlow threads must not fork: a child can inherit a lock
 some thread held and block forever (and `multiprocessing.Pool.terminate` then waits for it).
 So a config large enough for workers is built by `build_in_subprocess`: it starts
-`python -m vlm_jax.data.builders.shapes_build`, which forks its render workers first, while it
+`python -m vlm_jax.data.builders.shapes_process`, which forks its render workers first, while it
 has imported only numpy and PIL, and imports tensorflow-datasets after. Each worker renders every
 W-th example and sends it over its own pipe (no lock is shared), every wait on a worker has a
 timeout, and a worker that dies or stalls ends the build with one error. The subprocess exits
@@ -25,14 +25,14 @@ from vlm_jax.data.builders import prepared, shapes_scene
 from vlm_jax.errors import UserError
 
 
-def _setting(name: str, default: float) -> float:
+def setting(name: str, default: float) -> float:
   return float(os.environ.get(name, default))
 
 
 def worker_count(num_examples: int) -> int:
   """Render processes worth starting for a split of num_examples (below 2: render serially)."""
-  cores = int(_setting("VLM_JAX_SHAPES_WORKERS", len(os.sched_getaffinity(0))))
-  return min(cores, num_examples // int(_setting("VLM_JAX_SHAPES_EXAMPLES_PER_WORKER", 2000)))
+  cores = int(setting("VLM_JAX_SHAPES_WORKERS", len(os.sched_getaffinity(0))))
+  return min(cores, num_examples // int(setting("VLM_JAX_SHAPES_EXAMPLES_PER_WORKER", 2000)))
 
 
 def rendered(split_id: int, index: int, image_size: int) -> dict:
@@ -111,8 +111,8 @@ class Renderers:
 
 def build_in_subprocess(name: str, data_dir: str, file_format, lock_fd: int) -> None:
   """Builds `name` into data_dir in a fresh process with render workers; raises UserError on failure."""
-  timeout_s = _setting("VLM_JAX_SHAPES_BUILD_TIMEOUT_S", 3600)
-  cmd = [sys.executable, "-m", "vlm_jax.data.builders.shapes_build", name, data_dir, file_format or ""]
+  timeout_s = setting("VLM_JAX_SHAPES_BUILD_TIMEOUT_S", 3600)
+  cmd = [sys.executable, "-m", "vlm_jax.data.builders.shapes_process", name, data_dir, file_format or ""]
   # stdout carries only the error line; the build's own output goes to our stderr.
   proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(lock_fd,))
   try:
@@ -133,7 +133,7 @@ def build_in_subprocess(name: str, data_dir: str, file_format, lock_fd: int) -> 
                     f"{proc.returncode}; its output is above). Run again; nothing partial is kept.")
 
 
-def _exit_with_parent() -> None:
+def exit_with_parent() -> None:
   """Ends this process when the parent dies (our stdin, its pipe, reaches end of file)."""
   fd = os.dup(0)
 
@@ -144,36 +144,7 @@ def _exit_with_parent() -> None:
   threading.Thread(target=watch, daemon=True).start()
 
 
-def _find(exc, kind):
+def find_cause(exc, kind):
   while exc is not None and not isinstance(exc, kind):
     exc = exc.__cause__ or exc.__context__
   return exc
-
-
-def main(argv) -> int:
-  name, data_dir, file_format = argv
-  result = os.fdopen(os.dup(1), "w")
-  os.dup2(2, 1)  # tfds prints its progress to stdout: show it on stderr
-  count = max(1, int(_setting("VLM_JAX_SHAPES_WORKERS", len(os.sched_getaffinity(0)))))
-  renderers = Renderers(count, _setting("VLM_JAX_SHAPES_WORKER_TIMEOUT_S", 300))
-  _exit_with_parent()
-  try:
-    # Imported after the workers are forked: TensorFlow starts threads.
-    from vlm_jax.data.builders import shapes
-    print(f"Building dataset {name} with {count} render processes", file=sys.stderr, flush=True)
-    shapes.download(shapes.builder(name, data_dir), file_format or None, render=renderers.render)
-  except Exception as e:  # noqa: BLE001  (reported to the parent as one line)
-    failed = _find(e, RenderError)
-    err = prepared.write_error(e, f"dataset '{name}'", data_dir)
-    if failed is None and err is None:
-      raise
-    print(err or f"building dataset '{name}' failed: {failed}. Run again; nothing partial is kept "
-          f"(VLM_JAX_SHAPES_WORKERS=1 renders in one process).", file=result, flush=True)
-    return 2
-  finally:
-    renderers.close()
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main(sys.argv[1:]))
