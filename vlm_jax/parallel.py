@@ -136,3 +136,8 @@ def initialize_distributed(cfg) -> None:
     raise UserError(f"jax.distributed.initialize failed with {where}: {str(e).strip().splitlines()[0][:300]}. "
                     f"Check that every process got the same coordinator address and process count, and its own "
                     f"process_id.") from e
+  if jax.default_backend() == "cpu":
+    # Across CPU processes (gloo collectives) jax 0.12 can hang a step whose executable one process
+    # loads from the persistent compilation cache (written by process 0 only) while the other
+    # compiles it: their collectives never pair up. Every process compiles its own instead.
+    jax.config.update("jax_enable_compilation_cache", False)

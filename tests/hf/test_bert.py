@@ -14,7 +14,7 @@ from vlm_jax.errors import UserError
 from vlm_jax.hf import bert
 from vlm_jax.models.text import TextEncoder
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", reason="the PyTorch parity tests run in the Python 3.11 CI lane (requirements-lowest.txt)")
 transformers = pytest.importorskip("transformers")
 
 TEXTS = ["A large red circle at the top, with a small blue square below it.", "two shapes"]

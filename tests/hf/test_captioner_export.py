@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", reason="the PyTorch parity tests run in the Python 3.11 CI lane (requirements-lowest.txt)")
 transformers = pytest.importorskip("transformers")
 
 from tests.hf.helpers import IMAGE, images, make_run, random_params, torch_images  # noqa: E402

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", reason="the PyTorch parity tests run in the Python 3.11 CI lane (requirements-lowest.txt)")
 transformers = pytest.importorskip("transformers")
 
 from vlm_jax import config, decode, predict, train  # noqa: E402

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", reason="the PyTorch parity tests run in the Python 3.11 CI lane (requirements-lowest.txt)")
 transformers = pytest.importorskip("transformers")
 
 from vlm_jax.hf.gpt2 import decoder_from_gpt2_state_dict, decoder_to_gpt2_state_dict  # noqa: E402
