@@ -336,7 +336,7 @@ def _train(cfg, workdir: str, stop) -> dict:
   train_step = make_train_step(s)
   progress = vlog.Progress(cfg.total_steps, start, enabled=lead)
   example = s.task.dummy_batch(1)
-  cost = (flops.train_flops(s.task.model, example), flops.tokens_per_example(example), jax.device_count(),
+  cost = (flops.train_flops(s.task.model, example, cfg.batch_size), flops.tokens_per_example(example), jax.device_count(),
           flops.peak_flops_per_device(cfg.get("peak_tflops", 0.0), dtype_mm=cfg.model.get("dtype_mm", "float32")))
   last_eval, t0, n0, skipped = {}, time.perf_counter(), start, 0
   for step in range(start + 1, cfg.total_steps + 1):
