@@ -7,8 +7,8 @@ text encoder of the same shape; the sigmoid loss over a global batch of 16384. N
 captions, `folder:/path`), and a 256-chip slice such as v5p-512:
   python -m vlm_jax.train --config configs/siglip_so400m_coco.py --workdir /gcs/BUCKET/so400m \\
       --config.data_dir=/gcs/BUCKET/tensorflow_datasets
-Width 1152 = 9 x 128 splits over at most 128 FSDP shards, so the 256 chips are 2 data-parallel
-replicas of a 128-way FSDP group.
+Width 1152 = 9 x 128 splits over at most 128 FSDP shards, and a v5p-512 (4x8x8 chips) lays out
+64-way groups on whole torus axes: the 256 chips are 4 data-parallel replicas of 64-way FSDP.
 """
 
 import os
@@ -30,7 +30,7 @@ def get_config(arg: str = ""):
   c.log_every_steps = 10
   c.eval_every_steps = 100
   c.checkpoint_every_steps = 100
-  c.mesh = "data=2,fsdp=128,tensor=1"
+  c.mesh = "data=4,fsdp=64,tensor=1"
   c.compile = ConfigDict(dict(topologies="v5p-512"))
 
   c.model.image = ConfigDict(dict(patch_size=14, **SO400M, pool="map", ln_eps=1e-6, gelu_approximate=True,
