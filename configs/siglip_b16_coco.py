@@ -30,6 +30,9 @@ def get_config(arg: str = ""):
   c.eval_every_steps = 250
   c.checkpoint_every_steps = 250
   c.mesh = "data=1,fsdp=-1,tensor=1"
+  # `python -m vlm_jax.compile` targets (the trainer ignores this block): the TPU slices this
+  # recipe is sized for, and what the dataset would tell the model.
+  c.compile = ConfigDict(dict(topologies="v5p-64"))
 
   c.input.data = "coco_captions"
   c.input.train_split = "train+restval"

@@ -8,6 +8,8 @@ Roughly the ViT paper / big_vision ImageNet-from-scratch setup (300 epochs at ba
 ~93k steps; this recipe uses 90 epochs).
 """
 
+from ml_collections import ConfigDict
+
 from vlm_jax.config import base_config
 
 IMAGENET_TRAIN = 1_281_167
@@ -25,6 +27,9 @@ def get_config(arg: str = ""):
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
   c.mesh = "data=1,fsdp=-1,tensor=1"  # ZeRO-3 over all devices; tensor parallel needs no code change
+  # `python -m vlm_jax.compile` targets (the trainer ignores this block): the TPU slices this
+  # recipe is sized for, and what the dataset would tell the model.
+  c.compile = ConfigDict(dict(topologies="v5p-128,v5e-256", num_classes=1000))
 
   c.input.data = "imagenet2012"
   c.input.train_split = "train[:99%]"

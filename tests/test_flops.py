@@ -10,7 +10,8 @@ import pytest
 
 from vlm_jax import flops
 from vlm_jax.models.vit import ViT
-from vlm_jax.models.vlm import Captioner
+from vlm_jax.models.vlm import Captioner, TwoTower
+from vlm_jax.tasks.contrastive import sigmoid_loss
 
 B = 2  # cost analysis needs no execution: widths can be large enough that matmuls dominate
 
@@ -53,6 +54,35 @@ def test_captioner_count_matches_cost_analysis_of_unrolled_model():
   xla_fwd, fwd, xla_train, train = _counts(model, {"image": images, "tokens": tokens}, (images, tokens[:, :-1]), loss)
   assert fwd <= xla_fwd <= 1.06 * fwd, (xla_fwd, fwd)
   assert train <= xla_train <= 1.04 * train, (xla_train, train)
+
+
+@pytest.mark.parametrize("image_proj", [False, True])
+def test_two_tower_count_matches_cost_analysis_of_unrolled_model(image_proj):
+  """Both towers, the projections and the B x B logits of the (single-device) sigmoid loss; at
+  batch 64 and embedding 256 the logits are 2 * 64 * 256 FLOPs per example, about 0.1% of the
+  forward pass, so a large batch is what would show them missing (checked below on its own)."""
+  b = 64
+  images, tokens = jnp.ones((b, 32, 32, 3)), jnp.ones((b, 12), jnp.int32)
+  model = TwoTower(image=dict(patch_size=8, width=256, depth=2, num_heads=4, mlp_dim=1024, pool="map",
+                              scan_layers=False, matmul="xla", attention="xla"),
+                   text=dict(vocab_size=300, width=192, depth=2, num_heads=4, mlp_dim=768, max_len=12,
+                             pool="last_position", scan_layers=False, matmul="xla", attention="xla"),
+                   embed_dim=256 if not image_proj else 128, image_proj=image_proj, text_proj=True, matmul="xla")
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), images, tokens))["params"]
+
+  def loss(p, x, t):
+    zi, zt = model.apply({"params": p}, x, t)
+    return sigmoid_loss(zi, zt, p["logit_scale"], p["logit_bias"])
+  batch = {"image": images, "tokens": tokens}
+  fwd, embed = flops.forward_flops(model, batch)  # global batch: the batch's rows
+  xla_fwd = _xla_flops(loss, params, images, tokens) / b
+  assert fwd <= xla_fwd <= 1.06 * fwd, (xla_fwd, fwd)
+  xla_train = _xla_flops(jax.grad(loss), params, images, tokens) / b
+  assert flops.train_flops(model, batch) <= xla_train <= 1.04 * flops.train_flops(model, batch)
+  assert flops.train_flops(model, batch) == 3 * fwd - embed
+  # The logits grow with the global batch (B_local x B_global per device): 2 x E FLOPs per pair.
+  dim = model.embed_dim
+  assert flops.forward_flops(model, batch, 4096)[0] - fwd == 2 * (4096 - b) * dim
 
 
 def test_cost_analysis_counts_a_scanned_stack_once():

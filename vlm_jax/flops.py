@@ -21,7 +21,8 @@ import jax.numpy as jnp
 
 from vlm_jax.models.text import Decoder
 from vlm_jax.models.vit import ViT
-from vlm_jax.models.vlm import Captioner
+from vlm_jax.models.text import TextEncoder
+from vlm_jax.models.vlm import Captioner, TwoTower
 
 # Dense bf16 peak TFLOP/s per device, matched in order against the lower-cased device_kind.
 PEAK_BF16_TFLOPS = (
@@ -76,12 +77,33 @@ def decoder_forward(dec, length: int, enc_tokens: int, enc_width: int) -> int:
   return total
 
 
-def forward_flops(model, batch: dict):
+def text_encoder_forward(enc, length: int) -> int:
+  """One sequence of `length` tokens through a `models.text.TextEncoder` (no output head)."""
+  return enc.depth * encoder_layer(length, enc.width, enc.mlp_dim)
+
+
+def two_tower_forward(model, image_size: int, length: int, global_batch: int):
+  """(forward FLOPs per example, of which patch embedding) for a `models.vlm.TwoTower`: the image
+  tower, the text tower, the projections, and the example's row of the contrastive logits: its
+  image against all `global_batch` texts (each device computes B_local x B_global of them)."""
+  img = ViT(**{"pooled_only": True, **dict(model.image or {}), "num_classes": 0})  # as TwoTower.setup builds it
+  txt = TextEncoder(**dict(model.text))
+  dim = model.embed_dim or img.width
+  total, embed = vit_forward(img, image_size)
+  total += text_encoder_forward(txt, length)
+  total += 2 * img.width * dim * model.image_proj + 2 * txt.width * dim * model.text_proj
+  return total + 2 * global_batch * dim, embed
+
+
+def forward_flops(model, batch: dict, global_batch: int = 0):
   """(forward FLOPs per example, of which input-side-only work) for a task's model and batch shapes.
 
-  Add a branch here for a new model family (e.g. the two-tower model); None where there is none.
+  `global_batch` (the examples of one step over all devices; default the batch's rows) sizes the
+  contrastive logits. Add a branch here for a new model family; None where there is none.
   """
   image_size = batch["image"].shape[1]
+  if isinstance(model, TwoTower):
+    return two_tower_forward(model, image_size, batch["tokens"].shape[1], global_batch or batch["image"].shape[0])
   if isinstance(model, ViT):
     return vit_forward(model, image_size)
   if isinstance(model, Captioner):
@@ -94,9 +116,9 @@ def forward_flops(model, batch: dict):
   return None  # unknown family: the log lines then carry no TFLOP/s or MFU
 
 
-def train_flops(model, batch: dict):
+def train_flops(model, batch: dict, global_batch: int = 0):
   """FLOPs of one example's training step (forward + backward); None for an unknown model."""
-  counts = forward_flops(model, batch)
+  counts = forward_flops(model, batch, global_batch)
   return None if counts is None else 3 * counts[0] - counts[1]
 
 

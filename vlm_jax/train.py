@@ -87,7 +87,7 @@ def _train(cfg, workdir: str, stop) -> dict:
   progress = reporting.Progress(cfg.total_steps, start, enabled=lead)
   example = runtime.task.dummy_batch(1)
   cost = flops.StepCost(
-      flops.train_flops(runtime.task.model, example), flops.tokens_per_example(example), jax.device_count(),
+      flops.train_flops(runtime.task.model, example, cfg.batch_size), flops.tokens_per_example(example), jax.device_count(),
       flops.peak_flops_per_device(cfg.get("peak_tflops", 0.0), dtype_mm=cfg.model.get("dtype_mm", "float32")))
   last_eval, t0, n0, skipped = {}, time.perf_counter(), start, 0
   for step in range(start + 1, cfg.total_steps + 1):

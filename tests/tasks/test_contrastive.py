@@ -110,6 +110,7 @@ def test_siglip_trains_through_the_trainer_and_reports_retrieval(data_dir, tmp_p
   rows = [r for r in reporting.read_metrics(workdir) if "train/loss" in r]
   assert rows[-1]["train/loss"] < rows[0]["train/loss"]
   assert "train/logit_bias" in rows[0] and "train/logit_scale" in rows[0]
+  assert all(0 < r["train/mfu"] < 1 and r["train/tflops_per_device"] > 0 for r in rows)  # flops.two_tower_forward
   assert os.path.exists(os.path.join(workdir, "tokenizer.json")) and os.listdir(os.path.join(workdir, "pictures"))
 
 
