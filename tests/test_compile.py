@@ -195,5 +195,6 @@ def test_real_scale_recipe_compiles_at_full_size_and_fits(recipe, topology):
   if cfg.input.text:
     assert set(r["steps"]) == {"train", "eval", "decode"}
   assert r["collectives"]["traffic_bytes"] >= 0.9 * r["collectives_minimum_bytes"] > 0
-  assert r["estimate"]["status"] == "scan_counted_once" and r["estimate"]["mfu"] is None  # scanned recipes
+  # Scanned layers are counted once; on v5e the compiler gives a negative estimate (STACK_NOTES).
+  assert r["estimate"]["status"] in ("scan_counted_once", "unavailable") and r["estimate"]["mfu"] is None
   assert text.splitlines()[-1].startswith("{") and "headroom" in text

@@ -64,10 +64,10 @@ def test_two_tower_count_matches_cost_analysis_of_unrolled_model(image_proj):
   b = 64
   images, tokens = jnp.ones((b, 32, 32, 3)), jnp.ones((b, 12), jnp.int32)
   model = TwoTower(image=dict(patch_size=8, width=256, depth=2, num_heads=4, mlp_dim=1024, pool="map",
-                              scan_layers=False, matmul="xla", attention="xla"),
+                              scan_layers=False),
                    text=dict(vocab_size=300, width=192, depth=2, num_heads=4, mlp_dim=768, max_len=12,
-                             pool="last_position", scan_layers=False, matmul="xla", attention="xla"),
-                   embed_dim=256 if not image_proj else 128, image_proj=image_proj, text_proj=True, matmul="xla")
+                             pool="last_position", scan_layers=False),
+                   embed_dim=256 if not image_proj else 128, image_proj=image_proj, text_proj=True)
   params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), images, tokens))["params"]
 
   def loss(p, x, t):
