@@ -170,6 +170,18 @@ def test_memory_over_the_chip_is_refused_after_the_figures():
   compile_lib.check_fits({**r, "steps": {"train": r["steps"]["train"]}}, cfg)  # fits: no error
 
 
+@needs_libtpu
+def test_cli_mesh_that_cannot_be_laid_on_the_torus_is_one_line_and_nonzero():
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  p = subprocess.run([sys.executable, "-m", "vlm_jax.compile", "--config", "configs/siglip_so400m_coco.py",
+                      "--topology", "v5p-512", "--config.mesh=data=2,fsdp=128"], cwd=REPO, env=env,
+                     capture_output=True, text=True, timeout=300)
+  errors = [x for x in p.stderr.splitlines() if x.startswith("error:")]
+  assert p.returncode == 2 and len(errors) == 1, p.stderr[-2000:]
+  assert errors[0].startswith("error: mesh {'data': 2, 'fsdp': 128, 'tensor': 1} cannot be laid out on these 256 "
+                              "devices") and "--config.mesh" in errors[0]
+
+
 def test_cli_unknown_topology_is_one_line_and_nonzero():
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   p = subprocess.run([sys.executable, "-m", "vlm_jax.compile", "--config", "configs/vit_b16_imagenet.py",

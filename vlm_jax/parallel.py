@@ -60,8 +60,14 @@ def mesh_shape(spec: str, num_devices: int) -> dict:
 def make_mesh(spec: str, devices=None) -> jax.sharding.Mesh:
   devices = jax.devices() if devices is None else devices
   sizes = mesh_shape(spec, len(devices))
-  return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES), devices=devices)
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  try:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
+  except NotImplementedError as e:  # a TPU torus that these axis sizes cannot be laid on
+    raise UserError(f"mesh {dict(zip(MESH_AXES, shape))} cannot be laid out on these {len(devices)} devices: on a "
+                    f"TPU slice each axis size must be a product of some of the torus dimensions (jax: "
+                    f"{' '.join(str(e).split())[:240]}). Choose other axis sizes with --config.mesh.") from e
 
 
 def fit_sharding(shape, sharding: NamedSharding) -> NamedSharding:
