@@ -113,9 +113,12 @@ class Checkpointer:
       multihost_utils.sync_global_devices("damaged checkpoints set aside")
     self.manager.reload()
 
-  def check_compatible(self, step: int, abstract_state) -> None:
-    """Raises UserError when the checkpoint's arrays do not match `abstract_state` in path or shape."""
+  def check_compatible(self, step: int, abstract_state, part: str = None) -> None:
+    """Raises UserError when the checkpoint's arrays (its `part` subtree, e.g. "params", if given)
+    do not match `abstract_state` in path or shape."""
     meta = self.manager.item_metadata(step)
+    if part is not None:
+      meta = meta[part] if part in meta else {}
     saved = {param_path(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(meta)[0]
              if hasattr(m, "shape")}
     wanted = {param_path(p): tuple(a.shape) for p, a in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
@@ -143,6 +146,15 @@ class Checkpointer:
     """Restores `step` onto the shardings of `abstract_state` (ShapeDtypeStructs with .sharding)."""
     self.check_compatible(step, abstract_state)
     return self._restore(step, abstract_state)
+
+  def restore_params(self, step: int, abstract_params):
+    """Only the `params` of the TrainState saved at `step`, onto the shardings of `abstract_params`:
+    the optimizer state (Adam's moments: twice the parameters) is never read."""
+    self.check_compatible(step, abstract_params, part="params")
+    item = {"params": abstract_params}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+    return self.manager.restore(step, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True))["params"]
 
   def _restore(self, step: int, abstract_state):
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
