@@ -2,7 +2,9 @@
 
 Before restoring, the checkpoint's recorded tree is compared with the state this config builds;
 a checkpoint of another model shape is refused with a message naming the first mismatching
-parameter, and is never overwritten (training does not start).
+parameter, and is never overwritten (training does not start). Resuming restores the whole state;
+evaluation, prediction and export read the parameters alone (`restore_params`, a partial restore:
+the optimizer state is never read).
 
 Damage: a save killed midway stays as `STEP.orbax-checkpoint-tmp`, which Orbax never lists.
 A finalized step whose files are damaged fails only when restored: `restore_latest` warns and
@@ -117,10 +119,11 @@ class Checkpointer:
     """Raises UserError when the checkpoint's arrays (its `part` subtree, e.g. "params", if given)
     do not match `abstract_state` in path or shape."""
     meta = self.manager.item_metadata(step)
-    if part is not None:
-      meta = meta[part] if part in meta else {}
     saved = {param_path(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(meta)[0]
              if hasattr(m, "shape")}
+    if part is not None:
+      saved = {path: shape for path, shape in saved.items() if path.startswith(part + "/")}
+      abstract_state = {part: abstract_state}
     wanted = {param_path(p): tuple(a.shape) for p, a in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
     where = f"checkpoint {self.directory}/{step}{self._recorded_task()}"
     for path, shape in wanted.items():
