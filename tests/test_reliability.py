@@ -14,6 +14,7 @@ import sys
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from conftest import REPO
 from etils import epath
@@ -21,7 +22,7 @@ from etils import epath
 from vlm_jax import checkpoint, config, preemption, reporting, train, workdir as workdir_lib
 from vlm_jax.data import pipeline
 from vlm_jax.errors import UserError
-from vlm_jax.runtime import build
+from vlm_jax.runtime import build, restore_run
 
 
 STEPS = 3
@@ -178,6 +179,55 @@ def test_unfinished_save_is_ignored(three_steps, tmp_path, capsys):
   out = capsys.readouterr()
   assert f"Resuming from {ck}/2" in out.out and "warning" not in out.err
   assert _equal(_restore(wd, 3), _restore(good, 3))
+
+
+def test_restore_run_reads_only_the_params_onto_their_shardings(three_steps, monkeypatch):
+  """evaluate / predict / export read a step's parameters; the optimizer state stays on disk."""
+  _, wd = three_steps
+  read = []
+  real = ocp.CheckpointManager.restore
+
+  def spy(self, step, *args, **kwargs):
+    read.append(real(self, step, *args, **kwargs))
+    return read[-1]
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", spy)
+  s, params, step = restore_run(wd)
+  assert step == 3 and [list(r) for r in read] == [["params"]]
+  monkeypatch.undo()
+  assert _equal(params, _restore(wd, 3)["params"])
+  shardings = jax.tree.leaves(s.state_sharding.params)
+  assert [a.sharding for a in jax.tree.leaves(params)] == shardings and len(shardings) > 5
+
+
+def test_restore_run_refuses_params_of_another_shape_by_name(three_steps, tmp_path):
+  _, good = three_steps
+  wd = str(tmp_path / "run")
+  shutil.copytree(good, wd)
+  before = _listing(wd)
+  with pytest.raises(UserError, match=rf"checkpoint {wd}/checkpoints/3 \(a 'classification' run, per "
+                                      rf"{wd}/config.json\) belongs to a different model shape: "
+                                      r"'params/.*' is \(.*\) there but \(.*\) in this config"):
+    restore_run(wd, edit=lambda cfg: setattr(cfg.model, "mlp_dim", cfg.model.mlp_dim * 2))
+  assert _listing(wd) == before
+
+
+def test_restore_run_reads_the_newest_committed_step_while_one_is_being_written(three_steps, tmp_path):
+  """Train saves step 4 (`4.orbax-checkpoint-tmp` until Orbax renames it) while evaluate, predict or
+  export starts: they get step 3, whole, and leave the save in flight untouched."""
+  _, good = three_steps
+  wd = str(tmp_path / "run")
+  shutil.copytree(good, wd)
+  ck = os.path.join(wd, "checkpoints")
+  in_flight = os.path.join(ck, "4.orbax-checkpoint-tmp")
+  shutil.copytree(os.path.join(ck, "3"), in_flight)
+  for f in _data_files(in_flight):  # half written
+    os.truncate(f, os.path.getsize(f) // 2)
+  before = _listing(in_flight)
+  _, params, step = restore_run(wd)
+  assert step == 3 and _equal(params, _restore(good, 3)["params"])
+  assert _listing(in_flight) == before
+  with pytest.raises(UserError, match=rf"no checkpoint at step 4 in {ck} \(steps: \[1, 2, 3\]\)"):
+    restore_run(wd, step=4)
 
 
 def test_disk_full_during_async_save_keeps_last_good_checkpoint(tiny_config, tmp_path, monkeypatch):

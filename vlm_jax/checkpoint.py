@@ -2,7 +2,9 @@
 
 Before restoring, the checkpoint's recorded tree is compared with the state this config builds;
 a checkpoint of another model shape is refused with a message naming the first mismatching
-parameter, and is never overwritten (training does not start).
+parameter, and is never overwritten (training does not start). Resuming restores the whole state;
+evaluation, prediction and export read the parameters alone (`restore_params`, a partial restore:
+the optimizer state is never read).
 
 Damage: a save killed midway stays as `STEP.orbax-checkpoint-tmp`, which Orbax never lists.
 A finalized step whose files are damaged fails only when restored: `restore_latest` warns and
@@ -113,11 +115,15 @@ class Checkpointer:
       multihost_utils.sync_global_devices("damaged checkpoints set aside")
     self.manager.reload()
 
-  def check_compatible(self, step: int, abstract_state) -> None:
-    """Raises UserError when the checkpoint's arrays do not match `abstract_state` in path or shape."""
+  def check_compatible(self, step: int, abstract_state, part: str = None) -> None:
+    """Raises UserError when the checkpoint's arrays (its `part` subtree, e.g. "params", if given)
+    do not match `abstract_state` in path or shape."""
     meta = self.manager.item_metadata(step)
     saved = {param_path(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(meta)[0]
              if hasattr(m, "shape")}
+    if part is not None:
+      saved = {path: shape for path, shape in saved.items() if path.startswith(part + "/")}
+      abstract_state = {part: abstract_state}
     wanted = {param_path(p): tuple(a.shape) for p, a in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
     where = f"checkpoint {self.directory}/{step}{self._recorded_task()}"
     for path, shape in wanted.items():
@@ -143,6 +149,15 @@ class Checkpointer:
     """Restores `step` onto the shardings of `abstract_state` (ShapeDtypeStructs with .sharding)."""
     self.check_compatible(step, abstract_state)
     return self._restore(step, abstract_state)
+
+  def restore_params(self, step: int, abstract_params):
+    """Only the `params` of the TrainState saved at `step`, onto the shardings of `abstract_params`:
+    the optimizer state (Adam's moments: twice the parameters) is never read."""
+    self.check_compatible(step, abstract_params, part="params")
+    item = {"params": abstract_params}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+    return self.manager.restore(step, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True))["params"]
 
   def _restore(self, step: int, abstract_state):
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)

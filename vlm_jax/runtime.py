@@ -156,6 +156,6 @@ def restore_run(workdir: str, step=None, edit=None, recorded_data: bool = True, 
                     f"(steps: {steps or 'none'}); train first with `python -m vlm_jax.train`.")
   runtime = build(cfg, data_info=info)
   with runtime.context():
-    params = ckpt.restore(step, runtime.abstract_state).params
+    params = ckpt.restore_params(step, runtime.abstract_state.params)
   ckpt.close()
   return runtime, params, step
