@@ -8,6 +8,7 @@ import pytest
 from vlm_jax.data import loc_tokens as L, tokenizer as T
 from vlm_jax.data.builders import shapes_scene as S
 from vlm_jax.errors import UserError
+from vlm_jax.hf.tokenizer import hf_fast_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +155,7 @@ def test_hugging_face_tokenizer_keeps_loc_tokens(loc_tok, tmp_path):
   from transformers import PreTrainedTokenizerFast  # the HF export's tokenizer class
   path = loc_tok.save(str(tmp_path))
   exported = tmp_path / "hf"
-  T.hf_fast_tokenizer(loc_tok).save_pretrained(str(exported))
+  hf_fast_tokenizer(loc_tok).save_pretrained(str(exported))
   loaded = (PreTrainedTokenizerFast(tokenizer_file=path),
             PreTrainedTokenizerFast.from_pretrained(str(exported)))
   loc1 = int(L.loc_token_ids(loc_tok)[1])
