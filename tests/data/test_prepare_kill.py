@@ -5,6 +5,7 @@ prepared dataset. Builds run in subprocesses (real kills) with timeouts.
 """
 
 import glob
+import importlib.util
 import json
 import os
 import signal
@@ -31,22 +32,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TIMEOUT_S = 240
 WORKERS = {"VLM_JAX_SHAPES_WORKERS": "2", "VLM_JAX_SHAPES_EXAMPLES_PER_WORKER": "100"}
 
-# A process like the trainer when it opens its data: JAX and TensorFlow threads already run.
-THREADED = textwrap.dedent("""
-    import sys
-    import jax.numpy as jnp
-    import tensorflow as tf
-    jnp.ones(8).sum().block_until_ready()
-    tf.reduce_sum(tf.ones(8)).numpy()
-    from vlm_jax.data import sources
-    from vlm_jax.errors import UserError
-    try:
-      b = sources.open_source(sys.argv[1], sys.argv[2])
-    except UserError as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
-    print("examples", b.info.splits["train"].num_examples)
-""")
+# A process like the trainer when it opens its data (JAX and TensorFlow threads already run):
+# the child script of tools/build_repeat.py, which prints "examples N" over all splits.
+_spec = importlib.util.spec_from_file_location("build_repeat", os.path.join(REPO, "tools", "build_repeat.py"))
+build_repeat = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(build_repeat)
+THREADED = build_repeat.CHILD
 
 
 def _env(**extra):
@@ -111,7 +102,7 @@ def test_worker_build_in_a_process_with_jax_and_tf_threads(tmp_path):
   rc, out, err = _finish(_start(THREADED, "shapes/tiny", d, **WORKERS))
   assert rc == 0, err[-3000:]
   assert "Building dataset shapes/tiny with 2 render processes" in err
-  assert out.split() == ["examples", "600"]
+  assert out.split() == ["examples", "800"]  # 600 train + 100 validation + 100 test
   _assert_tiny_shapes(d)
 
 
