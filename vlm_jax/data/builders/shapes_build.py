@@ -5,9 +5,10 @@ some thread held and block forever (and `multiprocessing.Pool.terminate` then wa
 So a config large enough for workers is built by `build_in_subprocess`: it starts
 `python -m vlm_jax.data.builders.shapes_process`, which forks its render workers first, while it
 has imported only numpy and PIL, and imports tensorflow-datasets after. Each worker renders every
-W-th example and sends it over its own pipe (no lock is shared), every wait on a worker has a
-timeout, and a worker that dies or stalls ends the build with one error. The subprocess exits
-when its parent dies (its stdin closes) and holds the parent's build lock while it lives.
+W-th example and sends it as JSON over its own pipe (no lock is shared, nothing is pickled), every
+wait on a worker has a timeout, and a worker that dies or stalls ends the build with one error.
+The subprocess exits when its parent dies (its stdin closes) and holds the parent's build lock
+while it lives.
 
 Settings (environment): VLM_JAX_SHAPES_WORKERS (render processes, default the usable cores),
 VLM_JAX_SHAPES_EXAMPLES_PER_WORKER (a split below 2x this is not worth workers; default 2000),
@@ -15,11 +16,15 @@ VLM_JAX_SHAPES_WORKER_TIMEOUT_S (longest wait for one example, default 300),
 VLM_JAX_SHAPES_BUILD_TIMEOUT_S (longest whole build, default 3600).
 """
 
+import base64
+import json
 import multiprocessing
 import os
 import subprocess
 import sys
 import threading
+
+import numpy as np
 
 from vlm_jax.data.builders import prepared, shapes_scene
 from vlm_jax.errors import UserError
@@ -42,6 +47,24 @@ def rendered(split_id: int, index: int, image_size: int) -> dict:
   return ex
 
 
+def to_wire(ex: dict) -> bytes:
+  """A rendered example as JSON bytes for the pipe (PNG as base64, boxes as lists): plain data, no
+  pickle, and nothing in the receiver keeps a view into the pipe's buffer."""
+  return json.dumps({
+      **ex, "image": base64.b64encode(ex["image"]).decode("ascii"),
+      "objects": [{**o, "bbox": [float(v) for v in o["bbox"]]} for o in ex["objects"]],
+      "refs": [{**r, "bbox": [float(v) for v in r["bbox"]]} for r in ex["refs"]],
+  }).encode()
+
+
+def from_wire(data: bytes) -> dict:
+  ex = json.loads(data)
+  ex["image"] = base64.b64decode(ex["image"])
+  for item in ex["objects"] + ex["refs"]:
+    item["bbox"] = np.asarray(item["bbox"], np.float64)
+  return ex
+
+
 def render_serially(split_id: int, num_examples: int, image_size: int):
   for i in range(num_examples):
     yield rendered(split_id, i, image_size)
@@ -57,11 +80,11 @@ def _serve(conn, others) -> None:
     c.close()
   while True:
     try:
-      split_id, n, size, k, count = conn.recv()
+      split_id, n, size, k, count = json.loads(conn.recv_bytes())
     except EOFError:  # the builder has gone
       return
     for i in range(k, n, count):
-      conn.send(rendered(split_id, i, size))
+      conn.send_bytes(to_wire(rendered(split_id, i, size)))
 
 
 class Renderers:
@@ -83,14 +106,14 @@ class Renderers:
   def render(self, split_id: int, num_examples: int, image_size: int):
     count = len(self.conns)
     for k in range(count):
-      self._call(k, f"split {split_id}", lambda c: c.send((split_id, num_examples, image_size, k, count)))
+      self._call(k, f"split {split_id}", lambda c: c.send_bytes(json.dumps([split_id, num_examples, image_size, k, count]).encode()))
     for i in range(num_examples):
       yield self._call(i % count, f"example {i} of split {split_id}", self._receive)
 
   def _receive(self, conn):
     if not conn.poll(self.timeout_s):
       raise TimeoutError
-    return conn.recv()
+    return from_wire(conn.recv_bytes())
 
   def _call(self, k: int, what: str, fn):
     proc = self.procs[k]
