@@ -151,8 +151,7 @@ class Checkpointer:
                 f"system (a gcsfuse or NFS mount) and the host's free memory, then run the same command again.")
       return (f"{where} could not be restored ({_reason(error)}); this is not an error that proves the files "
               f"damaged, so {kept}. Fix the cause and run the same command again; if the step is damaged, "
-              f"move it aside (mv {path} {path}.damaged) to resume from "
-              f"the step before it.")
+              f"move it aside (mv {path} {path}.damaged) to resume from the step before it.")
     bad = [i for i, v in enumerate(verdicts) if v != OK]
     kinds = sorted({_KIND[int(verdicts[i])] for i in bad})
     return (f"{where} could not be restored on process(es) {', '.join(map(str, bad))} of {len(verdicts)} "
