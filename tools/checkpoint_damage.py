@@ -7,6 +7,8 @@ half" and "delete", copies the checkpoint directory, damages that one file, and 
 as `vlm_jax.checkpoint` does. Each case ends as `error` (restore raises: `restore_latest` falls
 back to an older step), `same` (the file was not needed; the restored tree equals the original)
 or `WRONG` (restore returned different values without an error, the case that must not occur).
+Each error is also sorted as `restore_latest` sorts it (`checkpoint._verdict`): damaged (set aside),
+transient (retried) or unknown (stops the run); every real damage should come out damaged.
 Prints one line per case and the counts.
 """
 
@@ -40,6 +42,8 @@ def main():
   step_dir = os.path.join(src, str(step))
   files = sorted(os.path.relpath(os.path.join(r, f), step_dir) for r, _, fs in os.walk(step_dir) for f in fs)
   counts = {"error": 0, "same": 0, "WRONG": 0}
+  kinds = {checkpoint.DAMAGED: "damaged", checkpoint.TRANSIENT: "transient", checkpoint.UNKNOWN: "unknown"}
+  verdicts = dict.fromkeys(kinds.values(), 0)
   with tempfile.TemporaryDirectory() as tmp:
     for name in files:
       for how in ("truncate", "delete"):
@@ -57,13 +61,16 @@ def main():
           same = len(leaves) == len(original) and all(np.array_equal(a, b) for a, b in zip(leaves, original))
           result, detail = ("same", "") if same else ("WRONG", "")
         except Exception as e:  # what restore_latest catches
-          result, detail = "error", checkpoint._reason(e)[:90]
+          kind = kinds[checkpoint._verdict(e)]
+          verdicts[kind] += 1
+          result, detail = "error", f"{kind:9s} {checkpoint._reason(e)[:90]}"
         damaged.manager.close()
         counts[result] += 1
         print(f"{how:8s} {name:70s} {result:5s} {detail}", flush=True)
   print(f"{len(files)} files x 2 damages: {counts['error']} detected (error), {counts['same']} harmless "
-        f"(restored exactly), {counts['WRONG']} silently wrong")
-  sys.exit(1 if counts["WRONG"] else 0)
+        f"(restored exactly), {counts['WRONG']} silently wrong; errors sorted as "
+        + ", ".join(f"{n} {k}" for k, n in verdicts.items()))
+  sys.exit(1 if counts["WRONG"] or verdicts["damaged"] != counts["error"] else 0)
 
 
 if __name__ == "__main__":

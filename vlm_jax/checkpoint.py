@@ -10,7 +10,10 @@ Damage: a save killed midway stays as `STEP.orbax-checkpoint-tmp`, which Orbax n
 A finalized step whose files are damaged fails only when restored: `restore_latest` warns and
 falls back to the next older step, and moves the damaged one aside to `STEP.damaged` (nothing
 is deleted) so that the resumed run can save that step again. When no step restores, it is one
-error naming the directory. The reads a failed restore abandoned report their errors later, from
+error naming the directory. Only damage (`_verdict`: missing, truncated, undecodable files) sets a
+step aside, and only when every process found it damaged (`_agree`); a transient read error (a
+gcsfuse or NFS hiccup, a timeout, memory) is retried after 1, 2 and 4 s, and what is neither
+stops the run with one error, the same on every process, with nothing renamed. The reads a failed restore abandoned report their errors later, from
 other threads; the fallback filters exactly those echoes out of the process's unraisable-exception
 hook and asyncio logger (`_quiet_abandoned_reads`, the one process-wide change made here).
 Orbax's keep-N deletes old steps only after the new one committed (also with async saves), so the
@@ -22,14 +25,20 @@ import errno
 import logging
 import os
 import sys
+import time
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
 from vlm_jax.errors import UserError
 from vlm_jax.optim import param_path
 from vlm_jax.workdir import recorded_config
+
+RETRY_DELAYS_S = (1.0, 2.0, 4.0)  # waits before the 2nd, 3rd and 4th read of a step after a transient error
+ITEM = "default"  # the one item of each step (Orbax's name for a manager's single item)
 
 
 def _type_handlers():
@@ -47,11 +56,12 @@ def _type_handlers():
 
 
 class Checkpointer:
-  def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+  def __init__(self, directory: str, keep: int = 3, async_save: bool = True, retry_delays=None):
     self.directory = os.path.abspath(directory)
+    self.retry_delays = tuple(RETRY_DELAYS_S if retry_delays is None else retry_delays)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                            create=True)
-    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_type_handlers())
+    handler = self._handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_type_handlers())
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handler)
     self._unconfirmed = None  # the step of an async save not yet known to be committed
 
@@ -79,29 +89,75 @@ class Checkpointer:
       return []
 
   def restore_latest(self, abstract_state):
-    """(state, step) of the newest step that restores, or (None, None) for an empty directory."""
+    """(state, step) of the newest step that restores, or (None, None) for an empty directory.
+
+    A transient read failure is retried after each of `retry_delays`; a step is set aside only when
+    every process found it damaged. Anything else (a transient failure that outlasts the retries,
+    an unclassified error, a failure on only some processes) is one UserError, the same on every
+    process, and nothing is renamed."""
     steps = sorted(self.manager.all_steps(), reverse=True)
     failed = []
     for step in steps:
-      try:
-        state = self.restore(step, abstract_state)
-      except UserError:
-        raise
-      except Exception as e:  # damaged or missing files: Orbax/TensorStore raise many types
-        failed.append(step)
+      state, error = self._restore_with_retries(step, abstract_state)
+      verdict = OK if error is None else _verdict(error)
+      if error is not None:
         _quiet_abandoned_reads()
-        _warn(f"checkpoint {self.directory}/{step} cannot be restored ({_reason(e)}); trying an older step.")
+      verdicts = _agree(verdict)
+      if (verdicts == OK).all():
+        if failed:
+          self._set_aside(failed)
+          _warn(f"resuming from step {step}; the damaged step(s) {', '.join(map(str, failed))} were moved "
+                f"to {self.directory}/STEP.damaged (nothing was deleted).")
+        return state, step
+      path = os.path.join(self.directory, str(step))
+      where = f"checkpoint {path}"
+      if (verdicts == DAMAGED).all():
+        failed.append(step)
+        _warn(f"{where} cannot be restored ({_reason(error)}); trying an older step.")
         continue
-      if failed:
-        self._set_aside(failed)
-        _warn(f"resuming from step {step}; the damaged step(s) {', '.join(map(str, failed))} were moved "
-              f"to {self.directory}/STEP.damaged (nothing was deleted).")
-      return state, step
+      if error is not None and len(verdicts) > 1:
+        _warn(f"{where} failed on process {jax.process_index()}: {_reason(error)}", every_process=True)
+      raise UserError(self._not_damage_message(path, verdicts, error))
     if failed:
       raise UserError(f"no checkpoint in {self.directory} can be restored (steps {', '.join(map(str, failed))} "
                       f"are damaged; nothing was deleted). Restore the directory from a backup, or move it "
                       f"away to start this run from scratch.")
     return None, None
+
+  def _restore_with_retries(self, step: int, abstract_state):
+    """(state, None), or (None, the exception) once an error is not transient or the retries ran out."""
+    for attempt in range(len(self.retry_delays) + 1):
+      try:
+        return self.restore(step, abstract_state), None
+      except UserError:
+        raise
+      except Exception as e:  # Orbax and TensorStore raise many types: `_verdict` sorts them
+        if _verdict(e) != TRANSIENT or attempt == len(self.retry_delays):
+          return None, e
+        delay = self.retry_delays[attempt]
+        _quiet_abandoned_reads()
+        _warn(f"reading checkpoint {self.directory}/{step} failed ({_reason(e)}); retrying in {delay:g} s "
+              f"(try {attempt + 2} of {len(self.retry_delays) + 1}).", every_process=True)
+        time.sleep(delay)
+
+  def _not_damage_message(self, path: str, verdicts, error) -> str:
+    """The UserError text for a step that is not set aside; built only from `verdicts` when several
+    processes took part, so that every process raises the same message."""
+    where, kept = f"checkpoint {path}", "nothing was renamed or deleted"
+    if len(verdicts) == 1:
+      if verdicts[0] == TRANSIENT:
+        return (f"{where} could not be read after {len(self.retry_delays) + 1} tries ({_reason(error)}); it "
+                f"looks like a passing storage, network or memory fault, not damage: {kept}. Check the file "
+                f"system (a gcsfuse or NFS mount) and the host's free memory, then run the same command again.")
+      return (f"{where} could not be restored ({_reason(error)}); this is not an error that proves the files "
+              f"damaged, so {kept}. Fix the cause and run the same command again; if the step is damaged, "
+              f"move it aside (mv {path} {path}.damaged) to resume from the step before it.")
+    bad = [i for i, v in enumerate(verdicts) if v != OK]
+    kinds = sorted({_KIND[int(verdicts[i])] for i in bad})
+    return (f"{where} could not be restored on process(es) {', '.join(map(str, bad))} of {len(verdicts)} "
+            f"({', '.join(kinds)}; each of those processes printed its cause), and the processes do not all "
+            f"find it damaged, so {kept}. Check that every host sees the same files there (the mount, "
+            f"gcsfuse, NFS) and has free memory, then run the same command again.")
 
   def _set_aside(self, steps) -> None:
     if jax.process_index() == 0:
@@ -160,8 +216,12 @@ class Checkpointer:
         item=item, restore_args=restore_args, partial_restore=True))["params"]
 
   def _restore(self, step: int, abstract_state):
+    """Reads `step` through the item handler. The manager's restore would end in a barrier of all
+    processes, where a process whose peer failed to read would wait until the coordinator's timeout;
+    `restore_latest` synchronizes in `_agree` instead, which every process reaches either way."""
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
-    return self.manager.restore(step, args=ocp.args.PyTreeRestore(abstract_state, restore_args=restore_args))
+    item_dir = epath.Path(self.directory) / str(step) / ITEM
+    return self._handler.restore(item_dir, args=ocp.args.PyTreeRestore(abstract_state, restore_args=restore_args))
 
   def restore_host(self, step: int):
     """The whole saved tree of `step` as numpy arrays, without a config (tools, init_from)."""
@@ -198,6 +258,55 @@ class _SaveFailure:
     raise UserError(f"saving checkpoint {self.ckpt.directory}/{self.step} failed: {_reason(e)}; {kept}. "
                     f"Free disk space or fix the directory's permissions, then run the same command "
                     f"to resume.") from e
+
+
+OK, DAMAGED, TRANSIENT, UNKNOWN = 0, 1, 2, 3  # what one process found when it read a step
+_KIND = {DAMAGED: "damaged files", TRANSIENT: "transient read errors", UNKNOWN: "an unclassified error"}
+_TRANSIENT_ERRNOS = {errno.EIO, errno.ETIMEDOUT, errno.EAGAIN, errno.ECONNRESET, errno.ESTALE}
+_TRANSIENT_CODES = ("DEADLINE_EXCEEDED", "UNAVAILABLE", "RESOURCE_EXHAUSTED", "ABORTED")
+_DAMAGE_CODES = ("DATA_LOSS", "NOT_FOUND", "FAILED_PRECONDITION", "INVALID_ARGUMENT", "OUT_OF_RANGE")
+
+
+def _chain(e: BaseException) -> list:
+  """`e` and the exceptions it was raised from or while handling, innermost last."""
+  chain = [e]
+  while len(chain) < 16:
+    nxt = chain[-1].__cause__ or chain[-1].__context__
+    if nxt is None or nxt in chain:
+      break
+    chain.append(nxt)
+  return chain
+
+
+def _verdict(e: Exception) -> int:
+  """TRANSIENT, DAMAGED or UNKNOWN for a failed read of a step, judged along the exception chain.
+
+  Transient (worth another try, never proof of damage): timeouts, EIO / ETIMEDOUT / EAGAIN /
+  ECONNRESET / ESTALE (a gcsfuse or NFS mount), MemoryError, TensorStore's DEADLINE_EXCEEDED,
+  UNAVAILABLE, RESOURCE_EXHAUSTED, ABORTED. Damage: a missing file, a file Orbax or TensorStore
+  cannot decode (truncated, corrupt, a checksum): FileNotFoundError, EOFError, ValueError (which
+  is also what JSON and Unicode decoding and TensorStore's DATA_LOSS, NOT_FOUND, FAILED_PRECONDITION
+  ... raise). Anything else (a permission, a bug, a type a new Orbax raises) is UNKNOWN: it proves
+  nothing about the files, and setting the newest step aside on a guess would resume the run from
+  an older one, so it stops the run instead."""
+  chain = _chain(e)
+  for x in chain:
+    text = str(x)
+    if (isinstance(x, (TimeoutError, MemoryError)) or getattr(x, "errno", None) in _TRANSIENT_ERRNOS
+        or any(code in text for code in _TRANSIENT_CODES)):
+      return TRANSIENT
+  for x in chain:
+    if (isinstance(x, (FileNotFoundError, EOFError, ValueError))
+        or any(code in str(x) for code in _DAMAGE_CODES)):
+      return DAMAGED
+  return UNKNOWN
+
+
+def _agree(local_verdict: int) -> np.ndarray:
+  """Every process's verdict on one step (process i's at index i); the processes' meeting point."""
+  if jax.process_count() == 1:
+    return np.array([local_verdict])
+  return np.asarray(multihost_utils.process_allgather(np.array([local_verdict], np.int32), tiled=True))
 
 
 def _reason(e: Exception) -> str:
@@ -244,6 +353,6 @@ def _quiet_abandoned_reads() -> None:
   logging.getLogger("asyncio").addFilter(_Filter())
 
 
-def _warn(text: str) -> None:
-  if jax.process_index() == 0:
+def _warn(text: str, every_process: bool = False) -> None:
+  if every_process or jax.process_index() == 0:
     print(f"warning: {text}", file=sys.stderr, flush=True)

@@ -4,17 +4,19 @@ WORKDIR holds `config.json` (the resolved config), `data_info.json` (the dataset
 evaluate/predict/export run without the dataset), `tokenizer.json` (for tasks with text: a
 checkpoint travels with its tokenizer), `metrics.jsonl` (written by `reporting.MetricsWriter`;
 lines past the checkpoint a run resumes from are trimmed here), `checkpoints/` (`checkpoint`)
-and `.vlm_jax.lock` (one training run per workdir at a time).
+and `.vlm_jax.lock` or, where flock fails, `.vlm_jax.lease` (one training run per workdir at a
+time).
 """
 
 import dataclasses
+import errno
 import fcntl
 import json
 import os
 import socket
 import sys
 
-from vlm_jax import config as config_lib
+from vlm_jax import config as config_lib, lease as lease_lib
 from vlm_jax.data.sources import DataInfo
 from vlm_jax.data.tokenizer import TOKENIZER_FILE
 from vlm_jax.errors import UserError
@@ -22,20 +24,29 @@ from vlm_jax.errors import UserError
 CONFIG_FILE, DATA_INFO_FILE, METRICS_FILE = "config.json", "data_info.json", "metrics.jsonl"
 
 
+LOCK_FILE, LEASE_FILE = ".vlm_jax.lock", ".vlm_jax.lease"
+
+
 class WorkdirLock:
   """An exclusive lock on WORKDIR/.vlm_jax.lock for as long as a training run lives (taken by
   process 0). Two runs in one workdir (a command started twice, a job requeued while the old one
   still runs) would save the same steps over each other and interleave their metrics; the second
   is refused with one error naming the first. The kernel drops the lock when its holder exits,
-  however it ends (SIGKILL too), so a crashed run never leaves a stale one behind."""
+  however it ends (SIGKILL too), so a crashed run never leaves a stale one behind.
 
-  def __init__(self, workdir: str, enabled: bool = True):
-    self.workdir, self.enabled, self.file = workdir, enabled, None
+  Where flock fails (gcsfuse, some NFS mounts), a lease file WORKDIR/.vlm_jax.lease guards the
+  workdir instead (`lease.Lease`: a heartbeat every `lease_interval` seconds, expiry after three).
+  One line on stderr says which guard is in use."""
+
+  def __init__(self, workdir: str, enabled: bool = True, lease_interval: float = lease_lib.INTERVAL_S):
+    self.workdir, self.enabled, self.lease_interval = workdir, enabled, lease_interval
+    self.file = self.lease = None
 
   def __enter__(self):
     if not self.enabled:
       return self
-    f = open(os.path.join(self.workdir, ".vlm_jax.lock"), "a+")
+    path = os.path.join(self.workdir, LOCK_FILE)
+    f = open(path, "a+")
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -45,14 +56,19 @@ class WorkdirLock:
       raise UserError(f"another training run is using workdir '{self.workdir}' ({holder}); two runs in one "
                       f"workdir would overwrite each other's checkpoints. Wait for it to end or stop it, or "
                       f"choose another --workdir.") from None
-    except OSError:  # a filesystem without locks: run unguarded rather than not at all
+    except OSError as e:  # ENOLCK, EOPNOTSUPP, ENOSYS: this file system has no working flock
       f.close()
+      lease_path = os.path.join(self.workdir, LEASE_FILE)
+      self.lease = lease_lib.Lease(lease_path, self.workdir, self.lease_interval).acquire()
+      why = errno.errorcode.get(e.errno, str(e.errno))
+      print(f"workdir guard: lease file {lease_path} (flock unsupported here: {why})", file=sys.stderr, flush=True)
       return self
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     f.flush()
     self.file = f
+    print(f"workdir guard: flock on {path}", file=sys.stderr, flush=True)
     return self
 
   def __exit__(self, *exc):
@@ -60,6 +76,9 @@ class WorkdirLock:
       fcntl.flock(self.file, fcntl.LOCK_UN)
       self.file.close()
       self.file = None
+    if self.lease is not None:
+      self.lease.release()
+      self.lease = None
 
 
 def recorded_config(workdir: str) -> dict:

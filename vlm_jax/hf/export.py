@@ -8,13 +8,13 @@ tokenizer (the workdir's tokenizer.json wrapped as `PreTrainedTokenizerFast`), u
 module sets `writes_tokenizer` (the two-tower family remaps an id for CLIP).
 
 Everything is written into a temporary folder next to `out` and moved into place at the end, so a
-failed export leaves `out` as it was. Only process 0 writes (every process restores its shards).
+failed or killed export leaves `out` as it was (`files.put_in_place`, with --overwrite too). Only
+process 0 writes (every process restores its shards).
 """
 
 import dataclasses
 import os
 import shutil
-import tempfile
 
 import jax
 import numpy as np
@@ -75,17 +75,10 @@ def export_workdir(workdir: str, out: str, step=None, overwrite: bool = False, e
     raise UserError("--encoder_only applies to classification runs (a ViT without its head).")
   name = None
   if jax.process_index() == 0:
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".hf-export-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary folder
+    tmp = files.new_folder_beside(out)
     try:
       name = write(run, tmp)
-      if os.path.isdir(out):
-        shutil.rmtree(out)  # empty, or --overwrite
-      os.replace(tmp, out)
+      files.put_in_place(tmp, out)  # empty, or --overwrite: the old export goes only once this one is whole
     finally:
       if os.path.isdir(tmp):
         shutil.rmtree(tmp)

@@ -4,10 +4,21 @@ image processor's preprocessor_config.json, tokenizer files.
 Weights are written as float32 safetensors under the on-disk (classic) key names that
 `from_pretrained` reads; nothing is ever pickled, and folders holding only `pytorch_model.bin` are
 refused on import.
+
+An export is written into a hidden `.hf-export-NAME-*` folder beside `out` (`new_folder_beside`)
+and only then put in place (`put_in_place`): an existing export at `out` is swapped out in one
+rename (renameat2 RENAME_EXCHANGE) where the file system has it, else renamed to a hidden
+`.hf-old-NAME-*` folder just before the new one takes its place, and deleted after. Hidden folders
+that a killed export left beside `out` are removed once the next export to `out` is in place.
 """
 
+import ctypes
+import errno
 import json
 import os
+import shutil
+import sys
+import tempfile
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
@@ -57,6 +68,72 @@ def prepare_out(out: str, overwrite: bool) -> str:
   if os.path.isdir(out) and os.listdir(out) and not overwrite:
     raise UserError(f"--out '{out}' is not empty (nothing was written). Choose a new folder or pass --overwrite.")
   return out
+
+
+def _prefix(out: str, kind: str) -> str:
+  return f".hf-{kind}-{os.path.basename(out)}-"
+
+
+def new_folder_beside(out: str) -> str:
+  """A new hidden folder in `out`'s parent (created if needed) to write an export into."""
+  parent = os.path.dirname(out)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=_prefix(out, "export"), dir=parent)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary folder
+  return tmp
+
+
+def leftovers(out: str) -> list:
+  """The hidden folders beside `out` that exports to `out` made (mkdtemp's 8-character suffix, so
+  that the folders of an export to `out-2` are not taken for them)."""
+  parent = os.path.dirname(out)
+  found = []
+  for kind in ("export", "old"):
+    prefix = _prefix(out, kind)
+    for name in os.listdir(parent):
+      rest = name[len(prefix):]
+      if name.startswith(prefix) and len(rest) == 8 and "-" not in rest and os.path.isdir(os.path.join(parent, name)):
+        found.append(os.path.join(parent, name))
+  return sorted(found)
+
+
+def put_in_place(new: str, out: str) -> None:
+  """Moves the complete export `new` to `out`, replacing what `out` holds. A kill at any moment
+  leaves the old or the new export at `out` (on file systems without an atomic exchange, `out` is
+  missing between two renames, the old export then in `.hf-old-*`), plus hidden folders that the
+  next export removes."""
+  if os.path.isdir(out) and _exchange(new, out):
+    shutil.rmtree(new)  # now the old export
+  elif os.path.isdir(out):
+    old = tempfile.mkdtemp(prefix=_prefix(out, "old"), dir=os.path.dirname(out))
+    os.replace(out, old)  # a folder may replace an empty one
+    os.replace(new, out)
+    shutil.rmtree(old)
+  else:
+    os.replace(new, out)
+  for path in leftovers(out):
+    shutil.rmtree(path, ignore_errors=True)
+    print(f"note: removed {path}, left by an export to {out} that was killed.", file=sys.stderr, flush=True)
+
+
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100
+
+
+def _exchange(a: str, b: str) -> bool:
+  """Swaps two paths atomically (Linux renameat2); False where the system or file system lacks it."""
+  if not sys.platform.startswith("linux"):
+    return False
+  libc = ctypes.CDLL(None, use_errno=True)
+  if not hasattr(libc, "renameat2"):
+    return False
+  if libc.renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+    return True
+  code = ctypes.get_errno()
+  if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+    return False
+  raise OSError(code, os.strerror(code), b)
 
 
 def read_model_folder(path: str) -> tuple[dict, dict]:
