@@ -303,8 +303,8 @@ def bench_input(a):
     if a.data_dir:
       cfg.data_dir = a.data_dir
     s = build(cfg, devices=jax.devices()[:1])
-    tok = getattr(s.task, "tokenizer", None)
-    batches = pipeline.train_batches(cfg.input, cfg.data_dir, cfg.seed, cfg.batch_size, 0, tokenizer=tok)
+    batches = pipeline.train_batches(cfg.input, cfg.data_dir, cfg.seed, cfg.batch_size, 0,
+                                     features=s.task.features(cfg.input), encode=s.task.encode)
     first = next(batches)
     t = time.perf_counter()
     for _ in range(a.batches):
