@@ -28,6 +28,7 @@ from vlm_jax.errors import UserError
 # Keep TensorFlow off accelerators: JAX owns them.
 tf.config.set_visible_devices([], "GPU")
 
+
 def _host_split(builder, split: str, host: Host) -> tuple[str, int]:
   sources.num_examples(builder, split)  # clear error for unknown splits
   sub = tfds.even_splits(split, n=host.count)[host.index]
