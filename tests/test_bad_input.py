@@ -11,7 +11,7 @@ from absl import flags
 from ml_collections import config_flags
 from PIL import Image
 
-from vlm_jax import config, parallel, train
+from vlm_jax import config, parallel, tasks, train
 from vlm_jax.data import pipeline
 from vlm_jax.errors import UserError
 from vlm_jax.runtime import build
@@ -59,7 +59,6 @@ def test_missing_recipe_file_and_missing_workdir():
     ("--config.mesh=data", r"mesh: 'data' is not AXIS=SIZE"),
     ("--config.input.image_size=0", r"'input.image_size' must be a positive integer, got 0"),
     ("--config.input.mean=(0.5,0.5)", r"'input.mean' must be 3 numbers \(one per RGB channel\)"),
-    ("--config.input.text=captions", r"input.text='captions' is unknown; use '', 'caption' or 'qa'"),
     ("--config.input.random_crop_scale=(2.0,1.0)", r"'input.random_crop_scale' must be \(min, max\) area fractions "
                                                    r"with 0 < min <= max <= 1, got \(2.0, 1.0\)"),
     ("--config.input.max_len=0", r"'input.max_len' must be an integer >= 2 \(BOS and EOS take 2 positions\), got 0"),
@@ -71,6 +70,22 @@ def test_config_values_that_cannot_run(override, message):
   cfg = _parse(override)
   with pytest.raises(UserError, match=message):
     config.validate(cfg)
+
+
+@pytest.mark.parametrize("recipe, text, message", [
+    ("vit_shapes", "caption", r"config: task 'classification' reads no text, but input.text='caption'\. Leave it empty"),
+    ("cappa_shapes", "captions", r"config: input.text='captions' is unknown for task 'captioning'; use 'caption' or 'qa'"),
+    ("siglip_shapes", "qa", r"config: task 'contrastive' needs input.text='caption', got 'qa'"),
+])
+def test_text_modes_a_task_does_not_read(recipe, text, message):
+  """Each task validates `input.text` itself, with the rest of the config, before the dataset opens."""
+  cfg = _parse(f"--config.input.text={text}", recipe=os.path.join(REPO, f"configs/{recipe}.py:tiny"))
+  config.validate(cfg)  # the task-independent checks pass
+  with pytest.raises(UserError, match=message):
+    tasks.validate(cfg)
+  cfg.data_dir = "/nonexistent/data"
+  with pytest.raises(UserError, match=message):
+    build(cfg, devices=jax.devices()[:1])
 
 
 def test_impossible_mesh_for_the_device_count():

@@ -21,13 +21,13 @@ def _xla_flops(fn, *args):
   return (cost[0] if isinstance(cost, list) else cost)["flops"]
 
 
-def _counts(model, batch, args, loss):
+def _counts(model, counts, args, loss):
   """(XLA forward, analytic forward, XLA gradient, analytic train) FLOPs per example."""
   params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), *args))["params"]
   fwd = lambda p, *a: model.apply({"params": p}, *a)
   xla_fwd = _xla_flops(fwd, params, *args) / B
   xla_train = _xla_flops(jax.grad(lambda p, *a: loss(fwd(p, *a))), params, *args) / B
-  return xla_fwd, flops.forward_flops(model, batch)[0], xla_train, flops.train_flops(model, batch)
+  return xla_fwd, counts[0], xla_train, flops.train_flops(counts)
 
 
 VIT = dict(num_classes=10, patch_size=8, width=256, depth=2, num_heads=4, mlp_dim=1024)
@@ -39,7 +39,7 @@ def test_vit_count_matches_cost_analysis_of_unrolled_model(pool, pooled_only):
   model = ViT(pool=pool, scan_layers=False, pooled_only=pooled_only, **VIT)
   labels = jnp.zeros((B,), jnp.int32)
   loss = lambda out: optax.softmax_cross_entropy_with_integer_labels(out[0], labels).mean()
-  xla_fwd, fwd, xla_train, train = _counts(model, {"image": images}, (images,), loss)
+  xla_fwd, fwd, xla_train, train = _counts(model, flops.vit_forward(model, 32), (images,), loss)
   # XLA also counts elementwise work (norms, softmax, GELU), a few percent at this width.
   assert fwd <= xla_fwd <= 1.06 * fwd, (xla_fwd, fwd)
   assert train <= xla_train <= 1.04 * train, (xla_train, train)
@@ -51,7 +51,7 @@ def test_captioner_count_matches_cost_analysis_of_unrolled_model():
                     decoder=dict(vocab_size=300, width=192, depth=2, num_heads=4, mlp_dim=768, max_len=16,
                                  scan_layers=False))
   loss = lambda logits: optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-  xla_fwd, fwd, xla_train, train = _counts(model, {"image": images, "tokens": tokens}, (images, tokens[:, :-1]), loss)
+  xla_fwd, fwd, xla_train, train = _counts(model, flops.captioner_forward(model, 32, 12), (images, tokens[:, :-1]), loss)
   assert fwd <= xla_fwd <= 1.06 * fwd, (xla_fwd, fwd)
   assert train <= xla_train <= 1.04 * train, (xla_train, train)
 
@@ -73,16 +73,16 @@ def test_two_tower_count_matches_cost_analysis_of_unrolled_model(image_proj):
   def loss(p, x, t):
     zi, zt = model.apply({"params": p}, x, t)
     return sigmoid_loss(zi, zt, p["logit_scale"], p["logit_bias"])
-  batch = {"image": images, "tokens": tokens}
-  fwd, embed = flops.forward_flops(model, batch)  # global batch: the batch's rows
+  counts = flops.two_tower_forward(model, 32, 12, b)
+  fwd, embed = counts
   xla_fwd = _xla_flops(loss, params, images, tokens) / b
   assert fwd <= xla_fwd <= 1.06 * fwd, (xla_fwd, fwd)
   xla_train = _xla_flops(jax.grad(loss), params, images, tokens) / b
-  assert flops.train_flops(model, batch) <= xla_train <= 1.04 * flops.train_flops(model, batch)
-  assert flops.train_flops(model, batch) == 3 * fwd - embed
+  assert flops.train_flops(counts) <= xla_train <= 1.04 * flops.train_flops(counts)
+  assert flops.train_flops(counts) == 3 * fwd - embed
   # The logits grow with the global batch (B_local x B_global per device): 2 x E FLOPs per pair.
   dim = model.embed_dim
-  assert flops.forward_flops(model, batch, 4096)[0] - fwd == 2 * (4096 - b) * dim
+  assert flops.two_tower_forward(model, 32, 12, 4096)[0] - fwd == 2 * (4096 - b) * dim
 
 
 def test_cost_analysis_counts_a_scanned_stack_once():
@@ -91,13 +91,13 @@ def test_cost_analysis_counts_a_scanned_stack_once():
   model = ViT(pool="cls", scan_layers=True, **VIT)
   params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), images))["params"]
   xla = _xla_flops(lambda p, x: model.apply({"params": p}, x)[0], params, images) / B
-  assert xla < 0.6 * flops.forward_flops(model, {"image": images})[0]
+  assert xla < 0.6 * flops.vit_forward(model, 32)[0]
 
 
 def test_vit_ti_count_is_the_known_figure():
   # ViT-Ti/16 at 224 px: ~1.26 GFLOPs multiply-adds per image forward (2.5 GFLOPs).
   model = ViT(num_classes=1000, patch_size=16, width=192, depth=12, num_heads=3, mlp_dim=768)
-  fwd, _ = flops.forward_flops(model, {"image": jnp.zeros((1, 224, 224, 3))})
+  fwd, _ = flops.vit_forward(model, 224)
   assert 2.4e9 < fwd < 2.6e9
 
 

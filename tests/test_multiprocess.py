@@ -88,7 +88,7 @@ def test_two_processes_train_checkpoint_resume_match_one_process(data_dir, tmp_p
   cfg = config.load(os.path.join(REPO, "configs/vit_shapes.py:tiny"))
   cfg.data_dir = data_dir
   task = build(cfg, devices=jax.devices()[:8]).task
-  per_image = flops.train_flops(task.model, task.dummy_batch(1))
+  per_image = flops.train_flops(task.flops(task.dummy_batch(1), cfg.batch_size))
   timed = [r for r in rows if "train/images_per_s" in r]
   assert timed and per_image > 0
   for r in timed:

@@ -69,7 +69,8 @@ def reference(request, data_dir):
   """A family's single-device loss and gradients on one batch (computed once per module)."""
   cfg = _config(data_dir, request.param)
   s = build(cfg, devices=jax.devices()[:1])
-  batch = next(pipeline.train_batches(cfg.input, data_dir, 0, 32, tokenizer=getattr(s.task, "tokenizer", None)))
+  batch = next(pipeline.train_batches(cfg.input, data_dir, 0, 32, features=s.task.features(cfg.input),
+                                      encode=s.task.encode))
   state, loss, grads = _loss_and_grads(s, batch)
   return request.param, batch, jax.device_get(state), loss, grads
 
@@ -128,7 +129,8 @@ def test_activations_are_split_over_the_mesh_not_replicated(data_dir, family):
   the whole MLP width (512); and per-device temporary memory shrinks to about 1/8 of one device's."""
   cfg = _config(data_dir, family)
   s = build(cfg, devices=jax.devices()[:1])
-  batch = next(pipeline.train_batches(cfg.input, data_dir, 0, GLOBAL_BATCH, tokenizer=getattr(s.task, "tokenizer", None)))
+  batch = next(pipeline.train_batches(cfg.input, data_dir, 0, GLOBAL_BATCH, features=s.task.features(cfg.input),
+                                      encode=s.task.encode))
   one = _compiled_step(cfg, jax.devices()[:1], batch).memory_analysis().temp_size_in_bytes
   dp = _compiled_step(_config(data_dir, family, mesh=MESHES["dp8"]), jax.devices()[:8], batch)
   tp = _compiled_step(_config(data_dir, family, mesh=MESHES["fsdp4_tp2"]), jax.devices()[:8], batch)
@@ -197,7 +199,8 @@ def test_bf16_matmuls_shard_like_one_device(data_dir):
   cfg = _config(data_dir, "captioner")
   cfg.model.dtype_mm = "bfloat16"
   s = build(cfg, devices=jax.devices()[:1])
-  batch = next(pipeline.train_batches(cfg.input, data_dir, 0, 32, tokenizer=s.task.tokenizer))
+  batch = next(pipeline.train_batches(cfg.input, data_dir, 0, 32, features=s.task.features(cfg.input),
+                                      encode=s.task.encode))
   state1, loss1, g1 = _loss_and_grads(s, batch)
   cfg.mesh = MESHES["fsdp4_tp2"]
   s8 = build(cfg, devices=jax.devices()[:8])

@@ -118,7 +118,8 @@ def _vit_step(a):
       jax.block_until_ready(m)
       return time.perf_counter() - t
   model = s.task.model
-  return run, (flops.train_flops(model, batch), flops.train_flops(model.clone(pooled_only=False), batch)), batch, impl
+  return run, (flops.train_flops(flops.vit_forward(model, a.image_size)),
+               flops.train_flops(flops.vit_forward(model.clone(pooled_only=False), a.image_size))), batch, impl
 
 
 def _caption_step(a):
@@ -158,7 +159,8 @@ def _caption_step(a):
       box[0], box[1], loss = step(box[0], box[1], gb)
     jax.block_until_ready(loss)
     return time.perf_counter() - t
-  return run, flops.train_flops(model, batch), batch, impl
+  counts = flops.captioner_forward(model, batch["image"].shape[1], batch["tokens"].shape[1] - 1)
+  return run, flops.train_flops(counts), batch, impl
 
 
 def _attention_impl(program: str) -> str:
@@ -301,8 +303,8 @@ def bench_input(a):
     if a.data_dir:
       cfg.data_dir = a.data_dir
     s = build(cfg, devices=jax.devices()[:1])
-    tok = getattr(s.task, "tokenizer", None)
-    batches = pipeline.train_batches(cfg.input, cfg.data_dir, cfg.seed, cfg.batch_size, 0, tokenizer=tok)
+    batches = pipeline.train_batches(cfg.input, cfg.data_dir, cfg.seed, cfg.batch_size, 0,
+                                     features=s.task.features(cfg.input), encode=s.task.encode)
     first = next(batches)
     t = time.perf_counter()
     for _ in range(a.batches):

@@ -142,7 +142,7 @@ def compile_recipe(cfg, sl: slices.Slice, num_classes: int = 0) -> dict:
   train_args = (rt.abstract_state, _abstract_batch(task, cfg.batch_size, mesh))
   with rt.context():
     compiled = {"train": _compile(train_step.lower(*train_args), "train", cfg, sl)}
-    if cfg.input.get("text"):
+    if task.tokenizer is not None:  # text tasks: their evaluation and decoding programs too
       params = rt.abstract_state.params
       batch = _abstract_batch(task, cfg.evals.batch_size, mesh, eval_mask=True)
       compiled["eval"] = _compile(jax.jit(task.eval_fn).lower(params, batch), "eval", cfg, sl)
@@ -151,7 +151,7 @@ def compile_recipe(cfg, sl: slices.Slice, num_classes: int = 0) -> dict:
   params_bytes = per_chip_bytes(rt.abstract_state.params)
   steps = {name: _memory(c, 0 if name == "train" else state_bytes - params_bytes, sl.hbm_bytes)
            for name, c in compiled.items()}
-  per_example = flops.train_flops(task.model, task.dummy_batch(1), cfg.batch_size)
+  per_example = flops.train_flops(task.flops(task.dummy_batch(1), cfg.batch_size))
   step_flops = per_example * cfg.batch_size if per_example else None
   scanned = any(b.get("scan_layers", False) for b in _model_blocks(cfg))
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(rt.abstract_state.params))

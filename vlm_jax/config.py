@@ -76,7 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
       mean=(0.5, 0.5, 0.5),
       std=(0.5, 0.5, 0.5),
       prefetch=2,
-      # Text (captioning / VQA / contrastive): "" (none), "caption" or "qa".
+      # The texts a task reads: "" (none) or a mode its `Task.validate` accepts.
       text="",
       caption_key="caption",  # a string or a list of strings (several references), e.g. captions/text
       question_key="qa/question",
@@ -196,7 +196,7 @@ DECODERS = ("greedy", "beam", "sample")
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
   """Raises UserError for a config that cannot run (independent of the devices present and of the
-  task: `tasks.module` refuses an unknown task name)."""
+  task: `tasks.validate` refuses an unknown task name and checks the task's own keys)."""
   for key in REQUIRED:
     if key not in cfg or cfg[key] in ("", None):
       raise UserError(f"config: required key '{key}' is missing or empty; set it in the recipe or with --config.{key}=...")
@@ -230,8 +230,6 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       or not 0 < scale[0] <= scale[1] <= 1):
     raise UserError(f"config: 'input.random_crop_scale' must be (min, max) area fractions with "
                     f"0 < min <= max <= 1, got {scale!r}; e.g. --config.input.random_crop_scale='(0.08,1.0)'.")
-  if inp.get("text", "") not in ("", "caption", "qa"):
-    raise UserError(f"config: input.text='{inp.text}' is unknown; use '', 'caption' or 'qa'.")
   ev = cfg.evals
   checks = (("input.max_len", inp.get("max_len", 2), 2, "BOS and EOS take 2 positions"),
             ("evals.decode_len", ev.get("decode_len", 0), 0, "0 means input.max_len - 1"),

@@ -35,10 +35,10 @@ def evaluate(runtime: Runtime, params, step: int, workdir: str = None) -> dict:
   local = cfg.evals.batch_size // runtime.host.count
   eval_step = jax.jit(task.eval_fn)
   predict = jax.jit(task.predict_fn)
-  tok = getattr(task, "tokenizer", None)
   results = {}
   for split in [x.strip() for x in cfg.evals.splits.split(",") if x.strip()]:
-    _, batches = pipeline.eval_batches(cfg.input, cfg.data_dir, split, local, runtime.host, tok)
+    _, batches = pipeline.eval_batches(cfg.input, cfg.data_dir, split, local, runtime.host,
+                                       task.features(cfg.input), task.encode)
     sums, records = None, []
     for i, batch in enumerate(batches):
       with runtime.context():

@@ -19,10 +19,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.models.text import Decoder
+from vlm_jax.models.text import Decoder, TextEncoder
 from vlm_jax.models.vit import ViT
-from vlm_jax.models.text import TextEncoder
-from vlm_jax.models.vlm import Captioner, TwoTower
 
 # Dense bf16 peak TFLOP/s per device, matched in order against the lower-cased device_kind.
 PEAK_BF16_TFLOPS = (
@@ -95,30 +93,20 @@ def two_tower_forward(model, image_size: int, length: int, global_batch: int):
   return total + 2 * global_batch * dim, embed
 
 
-def forward_flops(model, batch: dict, global_batch: int = 0):
-  """(forward FLOPs per example, of which input-side-only work) for a task's model and batch shapes.
-
-  `global_batch` (the examples of one step over all devices; default the batch's rows) sizes the
-  contrastive logits. Add a branch here for a new model family; None where there is none.
-  """
-  image_size = batch["image"].shape[1]
-  if isinstance(model, TwoTower):
-    return two_tower_forward(model, image_size, batch["tokens"].shape[1], global_batch or batch["image"].shape[0])
-  if isinstance(model, ViT):
-    return vit_forward(model, image_size)
-  if isinstance(model, Captioner):
-    enc = ViT(**{"pool": "none", **dict(model.encoder or {}), "num_classes": 0})  # as Captioner.setup builds it
-    dec = Decoder(**dict(model.decoder))
-    img, embed = vit_forward(enc, image_size)
-    grid = image_size // enc.patch_size
-    enc_tokens = grid * grid + (enc.pool == "cls")
-    return img + decoder_forward(dec, batch["tokens"].shape[1] - 1, enc_tokens, enc.width), embed
-  return None  # unknown family: the log lines then carry no TFLOP/s or MFU
+def captioner_forward(model, image_size: int, length: int) -> tuple[int, int]:
+  """(forward FLOPs per example, of which patch embedding) for a `models.vlm.Captioner` whose
+  decoder reads `length` tokens (the teacher-forced inputs)."""
+  enc = ViT(**{"pool": "none", **dict(model.encoder or {}), "num_classes": 0})  # as Captioner.setup builds it
+  dec = Decoder(**dict(model.decoder))
+  img, embed = vit_forward(enc, image_size)
+  grid = image_size // enc.patch_size
+  enc_tokens = grid * grid + (enc.pool == "cls")
+  return img + decoder_forward(dec, length, enc_tokens, enc.width), embed
 
 
-def train_flops(model, batch: dict, global_batch: int = 0):
-  """FLOPs of one example's training step (forward + backward); None for an unknown model."""
-  counts = forward_flops(model, batch, global_batch)
+def train_flops(counts):
+  """FLOPs of one example's training step (forward + backward) from a task's (forward, input-side)
+  counts (`Task.flops`); None where the task has none."""
   return None if counts is None else 3 * counts[0] - counts[1]
 
 

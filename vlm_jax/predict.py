@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 from absl import flags
 
-from vlm_jax import config as config_lib, parallel
+from vlm_jax import config as config_lib, parallel, tasks
 from vlm_jax.data import preprocess
 from vlm_jax.data.builders import folder_scan
 from vlm_jax.errors import UserError, run_cli
@@ -46,11 +46,11 @@ def load_image(path: str, inp) -> np.ndarray:
 def predict(workdir: str, paths: list, question: str = "", step=None, mesh=None) -> list:
   """Returns [(path, prediction or None, error or None)] in the order of `paths`."""
   def edit(cfg):
-    if question:
-      if cfg.task != "captioning":
-        raise UserError(f"--question needs a captioning/VQA run; '{workdir}' trained task '{cfg.task}'.")
-      cfg.input.text = "qa"
-      cfg.evals.decode_len = cfg.evals.decode_len or 8  # answers are short; keeps prompt + answer in range
+    task_cls = tasks.module(cfg.task).Task
+    if question and task_cls.prompt_option != "question":
+      raise UserError(f"--question needs a run whose task takes a question; '{workdir}' trained task "
+                      f"'{cfg.task}', which takes images only. Leave out --question.")
+    task_cls.predict_config(cfg, question)
   runtime, params, step = restore_run(workdir, step, edit, mesh=mesh)
   cfg = runtime.cfg
 
@@ -72,10 +72,8 @@ def _predict_images(runtime, params, images, question):
   shards = parallel.data_shards(runtime.mesh)
   n = len(images)
   pad = (-n) % shards
-  batch = {"image": np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])}
   task = runtime.task
-  if question:
-    batch["prompt"], _ = task.tokenizer.prompt_sequences([question] * len(batch["image"]), runtime.cfg.input.max_len)
+  batch = task.predict_inputs(np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)]), question)
   with runtime.context():
     preds = jax.jit(task.predict_fn)(params, parallel.shard_batch(batch, runtime.mesh))
   preds = jax.tree.map(np.asarray, jax.device_get(preds))

@@ -73,7 +73,7 @@ def build(cfg, data_info=None, devices=None) -> Runtime:
   """The Runtime of `cfg` on a mesh over `devices` (default: all; abstract TPU devices compile ahead
   of time). `data_info` (a recorded one, or for a compile without the dataset) skips opening the data."""
   config_lib.validate(cfg)
-  tasks.module(cfg.task)  # an unknown task is refused before the dataset is opened
+  tasks.validate(cfg)  # an unknown task or its bad keys are refused before the dataset is opened
   mesh = parallel.make_mesh(cfg.mesh, devices)
   parallel.check_batch(cfg.batch_size, mesh)
   accum = cfg.get("grad_accum_steps", 1)

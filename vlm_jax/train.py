@@ -51,7 +51,8 @@ def _train(cfg, workdir: str, stop) -> dict:
   lead = jax.process_index() == 0
   runtime = build(cfg)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
-  tok = getattr(runtime.task, "tokenizer", None)
+  task = runtime.task
+  tok = task.tokenizer
   if tok is not None and ckpt.latest_step() is not None:
     tokenizer_source.check_same(tok, workdir, f"Resume with --config.input.tokenizer="
                              f"{workdir}/tokenizer.json, or use a new --workdir.")
@@ -60,8 +61,8 @@ def _train(cfg, workdir: str, stop) -> dict:
     params, copied = init.load_params(cfg.init_from, state.params, cfg.init_include, cfg.init_prefix)
     state = state.replace(params=jax.device_put(params, runtime.state_sharding.params))
     print(f"Initialised {len(copied)} parameters from {cfg.init_from}", flush=True)
-  if not resumed and hasattr(runtime.task, "load_pretrained"):
-    params, copied = runtime.task.load_pretrained(jax.device_get(state.params))
+  if not resumed:
+    params, copied = task.load_pretrained(jax.device_get(state.params))
     if copied:
       state = state.replace(params=jax.device_put(params, runtime.state_sharding.params))
       print(f"Initialised {len(copied)} parameters from the pretrained towers", flush=True)
@@ -82,12 +83,12 @@ def _train(cfg, workdir: str, stop) -> dict:
   local_batch = cfg.batch_size // runtime.host.count
   text_stats = pipeline.TextStats()
   batches = pipeline.train_batches(cfg.input, cfg.data_dir, cfg.seed, local_batch, start, runtime.host,
-                                   tok, text_stats, stop_step=cfg.total_steps)
+                                   task.features(cfg.input), task.encode, text_stats, stop_step=cfg.total_steps)
   train_step = make_train_step(runtime)
   progress = reporting.Progress(cfg.total_steps, start, enabled=lead)
-  example = runtime.task.dummy_batch(1)
+  example = task.dummy_batch(1)
   cost = flops.StepCost(
-      flops.train_flops(runtime.task.model, example, cfg.batch_size), flops.tokens_per_example(example), jax.device_count(),
+      flops.train_flops(task.flops(example, cfg.batch_size)), flops.tokens_per_example(example), jax.device_count(),
       flops.peak_flops_per_device(cfg.get("peak_tflops", 0.0), dtype_mm=cfg.model.get("dtype_mm", "float32")))
   last_eval, t0, n0, skipped = {}, time.perf_counter(), start, 0
   for step in range(start + 1, cfg.total_steps + 1):
@@ -106,7 +107,7 @@ def _train(cfg, workdir: str, stop) -> dict:
       dt = time.perf_counter() - t0
       metrics["images_per_s"] = (step - n0) * cfg.batch_size / max(dt, 1e-9)
       metrics.update(flops.throughput(metrics["images_per_s"], cost))
-      if cfg.input.text:  # this process's texts cut to input.max_len since the last line
+      if tok is not None:  # this process's texts cut to input.max_len since the last line
         metrics["texts_truncated"], text_stats.truncated = text_stats.truncated, 0
       t0, n0 = time.perf_counter(), step
       writer.write(step, {f"train/{k}": v for k, v in metrics.items()})

@@ -17,7 +17,7 @@ from PIL import Image
 import jax
 
 from vlm_jax import config
-from vlm_jax.data import pipeline, sources, tokenizer as tokenizer_lib, tokenizer_source
+from vlm_jax.data import features, pipeline, sources, tokenizer as tokenizer_lib, tokenizer_source
 from vlm_jax.data.builders import folder, folder_scan
 from vlm_jax.errors import UserError
 from vlm_jax.runtime import build
@@ -204,17 +204,16 @@ def test_jsonl_captions_and_qa_feed_captioning_and_vqa_pipelines(tmp_path, caplo
   cfg = config.load(os.path.join(REPO, "configs/cappa_shapes.py:tiny"))
   inp = cfg.input
   inp.data, inp.image_size, inp.max_len, inp.vocab_size = f"folder:{root}", 16, 12, 64
-  batch = next(pipeline.train_batches(inp, dd, 0, 4, tokenizer=tok))
-  assert batch["image"].shape == (4, 16, 16, 3) and batch["tokens"].shape == (4, 12)
-  assert (batch["tokens"][:, 0] == tok.bos_id).all()
   cfg.data_dir, cfg.model.encoder.patch_size, cfg.evals.splits = dd, 8, "test"
   s = build(cfg, devices=jax.devices()[:1])  # the captioning recipe, unchanged but for the data
-  assert s.task.tokenizer.vocab_size == tok.vocab_size and s.data_info.splits == {"train": 9, "test": 3}
+  assert s.task.tokenizer.to_json() == tok.to_json() and s.data_info.splits == {"train": 9, "test": 3}
+  batch = next(pipeline.train_batches(inp, dd, 0, 4, features=s.task.features(inp), encode=s.task.encode))
+  assert batch["image"].shape == (4, 16, 16, 3) and batch["tokens"].shape == (4, 12)
+  assert (batch["tokens"][:, 0] == tok.bos_id).all()
   with s.context():  # the loss traces with this batch (compiling a step would cost ~15 s of CPU)
     loss, _ = jax.eval_shape(s.task.loss_fn, s.abstract_state.params, batch, jax.random.PRNGKey(0))
   assert loss.shape == () and loss.dtype == np.float32
-  inp.text = "qa"
-  n, batches = pipeline.eval_batches(inp, dd, "test", 8, tokenizer=tok)
+  n, batches = pipeline.eval_batches(inp, dd, "test", 8, features=(features.TextPairs(inp.question_key, inp.answer_key),))
   rows = list(batches)
   assert n == 1 and int(rows[0]["_mask"].sum()) == 4  # 3 images, one with two QA pairs
   answers = tokenizer_lib.texts(rows[0], "answer")[:4]

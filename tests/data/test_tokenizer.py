@@ -248,17 +248,16 @@ def test_hf_fast_tokenizer_round_trip(tok, tmp_path):
 
 def test_pipeline_counts_truncated_and_empty_texts(tok, capsys):
   """Empty captions tokenise to [BOS][EOS]; over-long ones are cut, counted and warned about once."""
-  from ml_collections import ConfigDict
   from vlm_jax.data import pipeline
+  from vlm_jax.tasks.common import encode_captions
 
-  inp = ConfigDict(dict(text="caption", max_len=6, max_text_bytes=64))
   rows = ["", "a red circle", "a small red circle to the left of a large blue square"]
   raw = np.zeros((3, 64), np.uint8)
   for i, t in enumerate(rows):
     raw[i, :len(t)] = np.frombuffer(t.encode(), np.uint8)
   stats = pipeline.TextStats()
   for _ in range(2):
-    batch = pipeline.tokenize({"caption": raw.copy()}, inp, tok, train=True, stats=stats)
+    batch = encode_captions({"caption": raw.copy()}, tok, 6, True, stats)
   assert stats.seen == 6 and stats.truncated == 2
   assert batch["tokens"][0].tolist()[:3] == [tok.bos_id, tok.eos_id, tok.pad_id]
   assert batch["tokens"][2][-1] == tok.eos_id  # cut, EOS kept

@@ -30,10 +30,12 @@ def input_config(image_size=IMAGE):
 
 
 def make_run(model, params, task="classification", class_names=None, encoder_only=False, **task_attrs):
+  from vlm_jax import tasks
   from vlm_jax.hf.export import Run
   cfg = input_config()
   cfg.task = task
-  return Run(cfg, types.SimpleNamespace(model=model, **task_attrs), params, class_names, encoder_only)
+  attrs = {"tokenizer": None, "hf_family": tasks.module(task).Task.hf_family, **task_attrs}
+  return Run(cfg, types.SimpleNamespace(model=model, **attrs), params, class_names, encoder_only)
 
 
 def images():

@@ -29,7 +29,8 @@ def test_parallel_prediction_rows_read_only_mask_and_attend_both_ways(data_dir):
   cfg = _cfg(data_dir)
   s = build(cfg, devices=jax.devices()[:1])
   task, tok = s.task, s.task.tokenizer
-  batch = next(pipeline.train_batches(cfg.input, data_dir, 0, 8, tokenizer=tok))
+  batch = next(pipeline.train_batches(cfg.input, data_dir, 0, 8, features=task.features(cfg.input),
+                                      encode=task.encode))
   assert batch["tokens"][:, 0].tolist() == [tok.bos_id] * 8
   task.masked_pred_prob = 0.5
   rng = jax.random.PRNGKey(1)

@@ -140,7 +140,8 @@ def test_lit_loads_minilm_text_tower_and_locks_it(data_dir):
   cfg = _cfg(data_dir, "lit_shapes")
   s = build(cfg, devices=jax.devices()[:1])
   assert isinstance(s.task.tokenizer, bert.BertTokenizer) and s.task.tokenizer.vocab_size == 30522
-  batch = next(pipeline.train_batches(cfg.input, data_dir, 0, 4, tokenizer=s.task.tokenizer))
+  batch = next(pipeline.train_batches(cfg.input, data_dir, 0, 4, features=s.task.features(cfg.input),
+                                      encode=s.task.encode))
   assert (batch["tokens"][:, 0] == s.task.tokenizer.cls_id).all()
   with s.context():
     state = s.init_state(jax.random.PRNGKey(0))

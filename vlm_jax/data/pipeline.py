@@ -9,12 +9,9 @@ uninterrupted run would have seen; no iterator state needs to be checkpointed.
 Evaluation reads each split once in order, padded to whole batches with `_mask == 0` rows so
 that every process runs the same number of steps.
 
-Text (`input.text`): "caption" carries one caption per example (a random one of several
-references when training; all references joined by newlines when evaluating); "qa" carries one
-question/answer pair (a random pair when training; every pair as its own row when evaluating).
-Texts travel through tf.data as fixed-length UTF-8 byte arrays (`caption`, `question`,
-`answer`, uint8) so that every field is numeric and can be sharded and gathered across hosts;
-after batching, the tokenizer adds `tokens` (and `loss_mask`, `prompt` for qa).
+What a batch holds besides `image` is given by the task's feature specs (`data/features.py`;
+default: the class label). After batching, the task's `encode(batch, train, stats)` callable
+turns the numpy batch's texts into token arrays. Neither knows which task it serves.
 """
 
 import dataclasses
@@ -24,15 +21,12 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from vlm_jax.data import preprocess, sources
+from vlm_jax.data import features as features_lib, preprocess, sources
 from vlm_jax.data.sources import Host
-from vlm_jax.data.tokenizer import texts
 from vlm_jax.errors import UserError
 
 # Keep TensorFlow off accelerators: JAX owns them.
 tf.config.set_visible_devices([], "GPU")
-
-LABEL_DTYPES = (tf.int64, tf.int32)
 
 
 def _host_split(builder, split: str, host: Host) -> tuple[str, int]:
@@ -54,57 +48,38 @@ def _raw(builder, split: str, image_key: str) -> tf.data.Dataset:
   return ds.with_options(opts)
 
 
-def _get(ex, path: str):
-  for key in path.split("/"):
-    if key not in ex:
-      raise UserError(f"the dataset has no feature '{path}'. Check the input.*_key settings.")
-    ex = ex[key]
-  return ex
-
-
-def _bytes(text, inp):
-  return tf.io.decode_raw(text, tf.uint8, fixed_length=inp.max_text_bytes)
-
-
-def _pick(values, seed):
-  """One element of a rank-1 string tensor (random with `seed`, or all joined when seed is None)."""
-  if values.shape.rank == 0:
-    return values
-  if seed is None:
-    return tf.strings.reduce_join(values, separator="\n")
-  i = tf.random.stateless_uniform([], seed=seed, maxval=tf.shape(values)[0], dtype=tf.int32)
-  return values[i]
-
-
-def _select(ex, inp, image, seed=None):
-  """The fields a task consumes: image, label (if a scalar class), texts as bytes."""
+def _select(ex, features, image, max_text_bytes, seed=None):
+  """The image and the fields of the task's feature specs."""
   out = {"image": image}
-  if inp.label_key in ex and ex[inp.label_key].dtype in LABEL_DTYPES and ex[inp.label_key].shape.rank == 0:
-    out["label"] = tf.cast(ex[inp.label_key], tf.int32)
-  if inp.text == "caption":
-    out["caption"] = _bytes(_pick(_get(ex, inp.caption_key), None if seed is None else seed + 2), inp)
-  elif inp.text == "qa":
-    q, a = _get(ex, inp.question_key), _get(ex, inp.answer_key)
-    if q.shape.rank:  # one random pair per example when training (evaluation rows are single pairs)
-      i = tf.random.stateless_uniform([], seed=seed + 3, maxval=tf.shape(q)[0], dtype=tf.int32)
-      q, a = q[i], a[i]
-    out["question"], out["answer"] = _bytes(q, inp), _bytes(a, inp)
-  elif inp.text:
-    raise UserError(f"input.text='{inp.text}' is unknown; use '', 'caption' or 'qa'.")
+  for spec in features:
+    out.update(spec.select(ex, seed, max_text_bytes))
   return out
 
 
-def _explode_qa(inp):
-  """Evaluation: one row per question/answer pair of an example."""
+def _explode(paths):
+  """Evaluation: one row per element of the features at `paths` (their first axis)."""
   def fn(ex):
-    q, a = _get(ex, inp.question_key), _get(ex, inp.answer_key)
-    if q.shape.rank == 0:
+    values = [features_lib.get(ex, p) for p in paths]
+    if values[0].shape.rank == 0:
       return tf.data.Dataset.from_tensors(ex)
-    n = tf.shape(q)[0]
-    rows = {k: tf.repeat(v[None], n, axis=0) for k, v in ex.items() if not isinstance(v, dict)}
-    rows["_q"], rows["_a"] = q, a
+    n = tf.shape(values[0])[0]
+    rows = tf.nest.map_structure(lambda v: tf.repeat(v[None], n, axis=0), ex)
+    for i, v in enumerate(values):
+      rows[f"_x{i}"] = v
     return tf.data.Dataset.from_tensor_slices(rows)
   return fn
+
+
+def _put_back(ex, paths):
+  """Puts a row's exploded elements back under their feature paths."""
+  for i, path in enumerate(paths):
+    value = ex.pop(f"_x{i}")
+    node, keys = ex, path.split("/")
+    for key in keys[:-1]:
+      node[key] = dict(node[key])
+      node = node[key]
+    node[keys[-1]] = value
+  return ex
 
 
 @dataclasses.dataclass
@@ -123,34 +98,14 @@ class TextStats:
             f"Raise --config.input.max_len to keep them whole.", flush=True)
 
 
-def tokenize(batch: dict, inp, tok, train: bool, stats: TextStats = None) -> dict:
-  """Adds token arrays for the task: `tokens` [B, max_len] (+ `loss_mask`, `prompt` for qa)."""
-  stats = stats or TextStats(warned=True)
-  if inp.text == "caption":
-    first = [t.split("\n")[0] for t in texts(batch, "caption")]
-    batch["tokens"], cut = tok.caption_sequences(first, inp.max_len)
-    stats.add(len(first), cut, inp.max_len)
-    if train:
-      del batch["caption"]
-  elif inp.text == "qa":
-    questions, answers = texts(batch, "question"), [t.split("\n")[0] for t in texts(batch, "answer")]
-    seq = tok.vqa_sequences(questions, answers, inp.max_len)
-    stats.add(len(questions), seq.truncated, inp.max_len)
-    batch["tokens"], batch["loss_mask"] = seq.tokens, seq.loss_mask
-    if train:
-      del batch["question"], batch["answer"]
-    else:
-      batch["prompt"], _ = tok.prompt_sequences(questions, inp.max_len)
-  return batch
-
-
 def train_batches(inp, data_dir: str, seed: int, local_batch: int, start_step: int = 0,
-                  host: Host = Host(), tokenizer=None, stats: TextStats = None,
+                  host: Host = Host(), features=None, encode=None, stats: TextStats = None,
                   stop_step: int = None) -> Iterator[dict]:
-  """Iterator of training batches from `start_step` (text counts into `stats`), up to `stop_step`
-  or forever. With `stop_step` the dataset ends there, so when training ends no tf.data thread is
+  """Iterator of training batches from `start_step`, up to `stop_step` or forever: the image and
+  the fields of the feature specs `features`, then `encode(batch, True, stats)` if given. With `stop_step` the dataset ends there, so when training ends no tf.data thread is
   busy filling the next epoch's shuffle buffer, which the iterator's teardown would wait for
   (minutes with a large buffer on a busy CPU)."""
+  features = _default(features, inp)
   builder = sources.open_source(inp.data, data_dir)
   split, n = _host_split(builder, inp.train_split, host)
   raw = _raw(builder, split, inp.image_key)
@@ -171,54 +126,53 @@ def train_batches(inp, data_dir: str, seed: int, local_batch: int, start_step: i
     ex_seed = tf.stack([tf.cast(seed, tf.int64) * 7919 + e, i])
     img = preprocess.train_image(ex[inp.image_key], ex_seed, inp.image_size, inp.random_crop_scale,
                                  inp.flip, inp.mean, inp.std)
-    return _select(ex, inp, img, ex_seed)
+    return _select(ex, features, img, inp.max_text_bytes, ex_seed)
 
   ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(local_batch, drop_remainder=True)
   if stop_step is not None:
     ds = ds.take(max(stop_step - start_step, 0))
   ds = ds.prefetch(inp.prefetch)
-  if not inp.text:
+  if encode is None:
     return ds.as_numpy_iterator()
-  return (tokenize(b, inp, tokenizer, train=True, stats=stats) for b in ds.as_numpy_iterator())
+  stats = stats or TextStats(warned=True)
+  return (encode(b, True, stats) for b in ds.as_numpy_iterator())
 
 
-def eval_batches(inp, data_dir: str, split: str, local_batch: int, host: Host = Host(), tokenizer=None):
-  """Returns (num_batches, iterator over padded batches with `_mask`) for one pass over `split`."""
+def eval_batches(inp, data_dir: str, split: str, local_batch: int, host: Host = Host(), features=None,
+                 encode=None):
+  """Returns (num_batches, iterator over padded batches with `_mask`) for one pass over `split`,
+  with the fields of `features` (a spec that explodes gives one row per element), then
+  `encode(batch, False, stats)` if given."""
+  features = _default(features, inp)
+  paths = features_lib.exploding(features)
   builder = sources.open_source(inp.data, data_dir)
   sub, _ = _host_split(builder, split, host)
   raw = _raw(builder, sub, inp.image_key)
-  if inp.text == "qa":
-    raw = raw.flat_map(_explode_qa(inp))
-  # Rows per process (pairs, when VQA explodes examples) decide how many padded batches all run.
-  counts = [int(_raw(builder, s, inp.image_key).flat_map(_explode_qa(inp)).reduce(0, lambda c, _: c + 1))
-            if inp.text == "qa" else builder.info.splits[s].num_examples
+  if paths:
+    raw = raw.flat_map(_explode(paths))
+  # Rows per process (elements, when a spec explodes examples) decide how many padded batches all run.
+  counts = [int(_raw(builder, s, inp.image_key).flat_map(_explode(paths)).reduce(0, lambda c, _: c + 1))
+            if paths else builder.info.splits[s].num_examples
             for s in tfds.even_splits(split, n=host.count)]
   n, num_batches = counts[host.index], -(-max(counts) // local_batch)
 
   def process(ex):
-    if "_q" in ex:
-      ex = {**ex, "_pair": {"q": ex.pop("_q"), "a": ex.pop("_a")}}
-      ex = _with_pair(ex, inp)
-    out = _select(ex, inp, preprocess.eval_image(ex[inp.image_key], inp.image_size, inp.mean, inp.std))
+    if "_x0" in ex:
+      ex = _put_back(dict(ex), paths)
+    image = preprocess.eval_image(ex[inp.image_key], inp.image_size, inp.mean, inp.std)
+    out = _select(ex, features, image, inp.max_text_bytes)
     out["_mask"] = tf.constant(1, tf.int32)
     return out
 
   ds = raw.map(process, num_parallel_calls=tf.data.AUTOTUNE)
   pad = ds.take(1).map(lambda ex: {**ex, "_mask": tf.constant(0, tf.int32)}).repeat(num_batches * local_batch - n)
   ds = ds.concatenate(pad).batch(local_batch).prefetch(inp.prefetch)
-  if not inp.text:
+  if encode is None:
     return num_batches, ds.as_numpy_iterator()
-  return num_batches, (tokenize(b, inp, tokenizer, train=False) for b in ds.as_numpy_iterator())
+  stats = TextStats(warned=True)  # evaluation texts are not counted
+  return num_batches, (encode(b, False, stats) for b in ds.as_numpy_iterator())
 
 
-def _with_pair(ex, inp):
-  """Puts an exploded pair back under the question/answer feature paths."""
-  pair = ex.pop("_pair")
-  for path, value in ((inp.question_key, pair["q"]), (inp.answer_key, pair["a"])):
-    node, keys = ex, path.split("/")
-    for key in keys[:-1]:
-      node[key] = dict(node.get(key, {}))
-      node = node[key]
-    node[keys[-1]] = value
-  return ex
+def _default(features, inp) -> tuple:
+  return (features_lib.Label(inp.label_key),) if features is None else tuple(features)

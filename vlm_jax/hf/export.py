@@ -1,7 +1,6 @@
 """Export a training workdir to a Hugging Face folder (`tools/convert_to_hf.py`).
 
-`FAMILIES` is the one dispatch from a run's `task` to the family module that writes it; a family
-module has `export(run, out) -> HF class name`, writing config.json, model.safetensors and any
+A run's task names the family module that writes it (`Task.hf_family`); a family module has `export(run, out) -> HF class name`, writing config.json, model.safetensors and any
 model-specific file (generation_config.json) into `out`. Common files are written here: the image
 processor (`preprocessor_config.json`, our evaluation preprocessing) and, for runs with text, the
 tokenizer (the workdir's tokenizer.json wrapped as `PreTrainedTokenizerFast`), unless the family
@@ -20,16 +19,11 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from vlm_jax import tasks
 from vlm_jax.errors import UserError
-from vlm_jax.hf import captioner, files, twotower, vit
+from vlm_jax.hf import files, vit
 from vlm_jax.hf.tokenizer import hf_fast_tokenizer
 from vlm_jax.runtime import restore_run
-
-FAMILIES = {
-    "classification": vit,
-    "captioning": captioner,  # and VQA
-    "contrastive": twotower,
-}
 
 
 @dataclasses.dataclass
@@ -45,8 +39,9 @@ class Run:
 def load_run(workdir: str, step=None, encoder_only: bool = False, mesh: str = None) -> tuple:
   """Restores a workdir's params (numpy, on every process) with its own config; returns (Run, step)."""
   def exportable(cfg):  # checked before the model is built
-    if cfg.task not in FAMILIES:
-      raise UserError(f"task '{cfg.task}' has no Hugging Face export yet (exportable: {', '.join(FAMILIES)}).")
+    if tasks.module(cfg.task).Task.hf_family is None:
+      exportable = [name for name, m in tasks.TASKS.items() if m.Task.hf_family is not None]
+      raise UserError(f"task '{cfg.task}' has no Hugging Face export yet (exportable: {', '.join(exportable)}).")
   runtime, params, step = restore_run(workdir, step, edit=exportable, mesh=mesh)
   cfg = runtime.cfg
   if jax.process_count() > 1:
@@ -57,10 +52,10 @@ def load_run(workdir: str, step=None, encoder_only: bool = False, mesh: str = No
 
 def write(run: Run, out: str) -> str:
   """Writes the HF folder for `run` into the (empty or new) folder `out`; returns the HF class name."""
-  family = FAMILIES[run.cfg.task]
+  family = run.task.hf_family
   name = family.export(run, out)
   files.save_json(out, "preprocessor_config.json", files.image_processor_config(run.cfg.input))
-  tok = getattr(run.task, "tokenizer", None)
+  tok = run.task.tokenizer
   if tok is not None and not run.encoder_only and not getattr(family, "writes_tokenizer", False):
     hf_fast_tokenizer(tok).save_pretrained(out)
   return name
@@ -71,7 +66,7 @@ def export_workdir(workdir: str, out: str, step=None, overwrite: bool = False, e
   """Exports `workdir` (checkpoint `step`, default the latest) into `out`; returns a summary."""
   out = files.prepare_out(out, overwrite)
   run, step = load_run(workdir, step, encoder_only, mesh)
-  if encoder_only and run.cfg.task != "classification":
+  if encoder_only and run.task.hf_family is not vit:
     raise UserError("--encoder_only applies to classification runs (a ViT without its head).")
   name = None
   if jax.process_index() == 0:

@@ -19,24 +19,40 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vlm_jax import decode
-from vlm_jax.data import tokenizer as tokenizer_lib, tokenizer_source
+from vlm_jax import decode, flops
+from vlm_jax.data import features, tokenizer as tokenizer_lib, tokenizer_source
 from vlm_jax.errors import UserError
+from vlm_jax.hf import captioner as hf_captioner
 from vlm_jax.metrics import caption as caption_metrics, vqa as vqa_metrics
 from vlm_jax.models.text import Decoder
 from vlm_jax.models.vit import ViT
 from vlm_jax.models.vlm import Captioner
-from vlm_jax.tasks.common import module_kwargs
+from vlm_jax.tasks import base
+from vlm_jax.tasks.common import encode_captions, encode_prompted, module_kwargs
+
+MODES = ("caption", "qa")
 
 
-class Task:
+class Task(base.Task):
   name = "captioning"
   collects_predictions = True  # evaluation gathers the decoded texts of every batch
+  prompt_option = "question"
+  hf_family = hf_captioner
+
+  @classmethod
+  def validate(cls, cfg) -> None:
+    if cfg.input.get("text", "") not in MODES:
+      raise UserError(f"config: input.text='{cfg.input.get('text', '')}' is unknown for task 'captioning'; "
+                      f"use 'caption' or 'qa'.")
+
+  @classmethod
+  def predict_config(cls, cfg, prompt: str) -> None:
+    if prompt:  # a question makes the run answer it (VQA), whichever mode it trained in
+      cfg.input.text = "qa"
+      cfg.evals.decode_len = cfg.evals.decode_len or 8  # answers are short; keeps prompt + answer in range
 
   def __init__(self, cfg, data_info):
     inp = cfg.input
-    if inp.text not in ("caption", "qa"):
-      raise UserError(f"task 'captioning' needs input.text='caption' or 'qa', got '{inp.text}'.")
     self.cfg, self.mode = cfg, inp.text
     self.tokenizer = tokenizer_source.for_run(cfg)
     if cfg.init_from and re.search(cfg.init_include, "txt/token_embed/embedding"):
@@ -65,6 +81,24 @@ class Task:
     if cfg.evals.decode == "beam":
       opts.update(beam_size=cfg.evals.beam_size)
     self.decoder = decode.decode_fn(cfg.evals.decode, **opts)
+
+  def features(self, inp) -> tuple:
+    if self.mode == "qa":
+      return (features.Label(inp.label_key), features.TextPairs(inp.question_key, inp.answer_key))
+    return (features.Label(inp.label_key), features.Texts(inp.caption_key))
+
+  def encode(self, batch: dict, train: bool, stats) -> dict:
+    encode = encode_prompted if self.mode == "qa" else encode_captions
+    return encode(batch, self.tokenizer, self.cfg.input.max_len, train, stats)
+
+  def predict_inputs(self, images, prompt: str = "") -> dict:
+    batch = {"image": images}
+    if prompt:
+      batch["prompt"], _ = self.tokenizer.prompt_sequences([prompt] * len(images), self.cfg.input.max_len)
+    return batch
+
+  def flops(self, example, global_batch):
+    return flops.captioner_forward(self.model, example["image"].shape[1], example["tokens"].shape[1] - 1)
 
   def dummy_batch(self, n: int) -> dict:
     s, L = self.cfg.input.image_size, self.cfg.input.max_len

@@ -5,15 +5,25 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vlm_jax import flops
+from vlm_jax.data import features
 from vlm_jax.errors import UserError
+from vlm_jax.hf import vit as hf_vit
 from vlm_jax.models.vit import ViT
+from vlm_jax.tasks import base
 from vlm_jax.tasks.common import module_kwargs
 
 
-class Task:
+class Task(base.Task):
   name = "classification"
   collects_predictions = False  # accuracy is summed on the devices
-  text_fields = ()
+  hf_family = hf_vit
+
+  @classmethod
+  def validate(cls, cfg) -> None:
+    if cfg.input.get("text", ""):
+      raise UserError(f"config: task 'classification' reads no text, but input.text='{cfg.input.text}'. "
+                      f"Leave it empty (--config.input.text=), or use a text task (captioning, contrastive).")
 
   def __init__(self, cfg, data_info):
     if not data_info.num_classes:
@@ -28,12 +38,18 @@ class Task:
     except TypeError as e:
       raise UserError(f"model config does not fit ViT: {e}. Check the keys under `model`.") from None
 
+  def features(self, inp) -> tuple:
+    return (features.Label(inp.label_key),)
+
   def dummy_batch(self, n: int) -> dict:
     s = self.image_size
     return {"image": np.zeros((n, s, s, 3), np.float32), "label": np.zeros((n,), np.int32)}
 
   def init(self, rng, batch):
     return self.model.init({"params": rng}, batch["image"], train=False)["params"]
+
+  def flops(self, example, global_batch):
+    return flops.vit_forward(self.model, example["image"].shape[1])
 
   def _logits(self, params, images, train, rng=None):
     rngs = {"dropout": rng} if rng is not None else {}

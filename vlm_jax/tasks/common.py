@@ -1,8 +1,9 @@
-"""Pieces shared by tasks: config -> module kwargs, masked means."""
+"""Pieces shared by tasks: config -> module kwargs, texts -> token arrays."""
 
 import jax.numpy as jnp
 
 from vlm_jax import kernels
+from vlm_jax.data.tokenizer import texts
 from vlm_jax.errors import UserError
 from vlm_jax.models.precision import MM_DTYPES
 
@@ -27,3 +28,29 @@ def module_kwargs(model_cfg, module=None, exclude=()) -> dict:
     kw["attention_fn"] = kernels.attention_fn(kw.pop("attention", "auto"), dtype=get("dtype"),
                                               dtype_mm=get("dtype_mm"), head_dim=head_dim)
   return kw
+
+
+def encode_captions(batch: dict, tok, max_len: int, train: bool, stats, key: str = "caption") -> dict:
+  """`tokens` [B, max_len]: the first reference of each row's text as [BOS] caption [EOS]; the
+  texts are dropped from training batches (evaluation keeps them as references)."""
+  first = [t.split("\n")[0] for t in texts(batch, key)]
+  batch["tokens"], cut = tok.caption_sequences(first, max_len)
+  stats.add(len(first), cut, max_len)
+  if train:
+    del batch[key]
+  return batch
+
+
+def encode_prompted(batch: dict, tok, max_len: int, train: bool, stats, keys=("question", "answer")) -> dict:
+  """`tokens`, `loss_mask` [B, max_len]: [BOS] prompt [SEP] answer [EOS] with the loss on the
+  answer and EOS; evaluation batches also get `prompt` (the prefix alone) and keep the texts."""
+  prompts, answers = texts(batch, keys[0]), [t.split("\n")[0] for t in texts(batch, keys[1])]
+  seq = tok.vqa_sequences(prompts, answers, max_len)
+  stats.add(len(prompts), seq.truncated, max_len)
+  batch["tokens"], batch["loss_mask"] = seq.tokens, seq.loss_mask
+  if train:
+    for k in keys:
+      del batch[k]
+  else:
+    batch["prompt"], _ = tok.prompt_sequences(prompts, max_len)
+  return batch

@@ -28,17 +28,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from vlm_jax import init
-from vlm_jax.data import tokenizer as tokenizer_lib, tokenizer_source
+from vlm_jax import flops, init
+from vlm_jax.data import features, tokenizer as tokenizer_lib, tokenizer_source
 from vlm_jax.errors import UserError
-from vlm_jax.hf import bert
+from vlm_jax.hf import bert, twotower as hf_twotower
 from vlm_jax.metrics import retrieval
 from vlm_jax.models.text import TextEncoder
 from vlm_jax.models.vit import ViT
 from vlm_jax.models.vlm import TwoTower
 from vlm_jax.optim import param_path
 from vlm_jax.parallel import BATCH_AXES
-from vlm_jax.tasks.common import module_kwargs
+from vlm_jax.tasks import base
+from vlm_jax.tasks.common import encode_captions, module_kwargs
 
 LOSSES = ("sigmoid", "softmax")
 
@@ -131,14 +132,18 @@ def retrieval_metrics(img_emb, txt_emb, texts, refs, ks=(1, 5, 10)) -> dict:
   return retrieval.recall_at_k(np.asarray(img_emb) @ np.asarray(txt_emb).T, match, ks)
 
 
-class Task:
+class Task(base.Task):
   name = "contrastive"
   collects_predictions = True  # evaluation gathers the embeddings of every batch
+  hf_family = hf_twotower
+
+  @classmethod
+  def validate(cls, cfg) -> None:
+    if cfg.input.get("text", "") != "caption":
+      raise UserError(f"config: task 'contrastive' needs input.text='caption', got '{cfg.input.get('text', '')}'.")
 
   def __init__(self, cfg, data_info):
     inp, m = cfg.input, cfg.model
-    if inp.text != "caption":
-      raise UserError(f"task 'contrastive' needs input.text='caption', got '{inp.text}'.")
     self.cfg, self.loss_kind = cfg, m.get("loss", "sigmoid")
     if self.loss_kind not in LOSSES:
       raise UserError(f"model.loss='{self.loss_kind}' is unknown; use {' or '.join(LOSSES)}.")
@@ -173,6 +178,16 @@ class Task:
       texts = [t.format(c) for c in self.class_names for t in templates]
       self.prompts = self.tokenizer.caption_sequences(texts, inp.max_len)[0].reshape(
           len(self.class_names), len(templates), inp.max_len)
+
+  def features(self, inp) -> tuple:
+    return (features.Label(inp.label_key), features.Texts(inp.caption_key))
+
+  def encode(self, batch: dict, train: bool, stats) -> dict:
+    return encode_captions(batch, self.tokenizer, self.cfg.input.max_len, train, stats)
+
+  def flops(self, example, global_batch):
+    return flops.two_tower_forward(self.model, example["image"].shape[1], example["tokens"].shape[1],
+                                   global_batch or example["image"].shape[0])
 
   def _dummy(self, n):
     s, L = self.cfg.input.image_size, self.cfg.input.max_len
