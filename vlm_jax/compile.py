@@ -23,7 +23,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from vlm_jax import config as config_lib, flops, hlo_collectives, parallel, runtime as runtime_lib, slices
+from vlm_jax import config as config_lib, flops, hlo_collectives, parallel, runtime as runtime_lib, slices, tasks
 from vlm_jax.step import make_train_step
 from vlm_jax.data import sources, tokenizer as tokenizer_lib
 from vlm_jax.errors import UserError, run_cli
@@ -46,7 +46,7 @@ def prepare(cfg, unroll: bool = False) -> None:
       block.attention = "xla"
     if unroll and "scan_layers" in block:
       block.scan_layers = False
-  if cfg.input.get("text") and not cfg.input.tokenizer and not cfg.init_from:
+  if not cfg.input.tokenizer and not cfg.init_from:  # text tasks read it; the others ignore it
     cfg.input.tokenizer = standin_tokenizer(cfg.input.vocab_size)
 
 
@@ -67,8 +67,8 @@ def data_info(cfg, num_classes: int = 0) -> sources.DataInfo:
   """What the task reads from the dataset, from the recipe's `compile` block (or `num_classes`)."""
   block = cfg.get("compile") or {}
   n = num_classes or block.get("num_classes", 0)
-  if cfg.task == "classification" and not n:
-    raise UserError("classification needs the number of classes to compile: pass --num_classes=N (or add "
+  if tasks.module(cfg.task).Task.needs_classes and not n:
+    raise UserError(f"{cfg.task} needs the number of classes to compile: pass --num_classes=N (or add "
                     "compile.num_classes to the recipe).")
   return sources.DataInfo(cfg.input.data, int(n), [f"class_{i}" for i in range(n)] if n else None, {}, ())
 
@@ -86,11 +86,7 @@ def per_chip_bytes(tree) -> int:
 
 def _abstract_batch(task, n: int, mesh, eval_mask: bool = False) -> dict:
   sharding = parallel.batch_sharding(mesh)
-  batch = dict(task.dummy_batch(n))
-  if eval_mask:
-    batch["_mask"] = np.zeros((n,), np.int32)
-    if task.cfg.input.get("text") == "qa":
-      batch["prompt"] = np.zeros((n, task.cfg.input.max_len), np.int32)
+  batch = task.eval_dummy_batch(n) if eval_mask else task.dummy_batch(n)
   return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding) for k, v in batch.items()}
 
 

@@ -13,6 +13,8 @@ Declarations (class attributes)
                                   None: images only
   hf_family = None                the `vlm_jax.hf` family module that exports the task's runs
                                   (`export(run, out) -> HF class name`); None: not exportable
+  needs_classes = False           the model's shape depends on the dataset's class count (the
+                                  compile tool then asks for it, having no dataset)
 
 Config
   validate(cfg) (classmethod)     raises UserError for the task's own config keys (e.g. the
@@ -38,6 +40,8 @@ Data (host side, numpy)
 Model (inside jit)
   model                           the Flax module
   dummy_batch(n) -> dict          numpy arrays with the shapes and dtypes of one batch (for init)
+  eval_dummy_batch(n) -> dict     the same for an evaluation batch (`_mask`, prompts); default:
+                                  dummy_batch(n) with `_mask`
   init(rng, batch)                boxed params (logical partitioning metadata kept)
   loss_fn(params, batch, rng) -> (loss, metrics)
   eval_fn(params, batch) -> dict  per-batch sums, masked by batch["_mask"]
@@ -62,6 +66,8 @@ Adding a task: its module (a `Task` subclass), its metric under `metrics/` if ne
 under `configs/`, and one line in `tasks.TASKS`.
 """
 
+import numpy as np
+
 
 class Task:
   name = ""
@@ -69,6 +75,7 @@ class Task:
   text_fields = ()
   prompt_option = None
   hf_family = None
+  needs_classes = False
   tokenizer = None
   model = None
 
@@ -91,6 +98,9 @@ class Task:
 
   def dummy_batch(self, n: int) -> dict:
     raise NotImplementedError
+
+  def eval_dummy_batch(self, n: int) -> dict:
+    return {**self.dummy_batch(n), "_mask": np.zeros((n,), np.int32)}
 
   def init(self, rng, batch):
     raise NotImplementedError

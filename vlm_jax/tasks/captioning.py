@@ -105,6 +105,12 @@ class Task(base.Task):
     return {"image": np.zeros((n, s, s, 3), np.float32), "tokens": np.zeros((n, L), np.int32),
             "loss_mask": np.zeros((n, L - 1), np.int32)}
 
+  def eval_dummy_batch(self, n: int) -> dict:
+    batch = super().eval_dummy_batch(n)
+    if self.mode == "qa":  # evaluation decodes from the question prompt
+      batch["prompt"] = np.zeros((n, self.cfg.input.max_len), np.int32)
+    return batch
+
   def init(self, rng, batch):
     return self.model.init({"params": rng}, batch["image"], batch["tokens"][:, :-1])["params"]
 

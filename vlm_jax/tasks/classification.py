@@ -18,6 +18,7 @@ class Task(base.Task):
   name = "classification"
   collects_predictions = False  # accuracy is summed on the devices
   hf_family = hf_vit
+  needs_classes = True
 
   @classmethod
   def validate(cls, cfg) -> None:
