@@ -33,7 +33,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from vlm_jax.errors import UserError
+from vlm_jax.errors import UserError, exception_chain
 from vlm_jax.optim import param_path
 from vlm_jax.workdir import recorded_config
 
@@ -267,17 +267,6 @@ _TRANSIENT_CODES = ("DEADLINE_EXCEEDED", "UNAVAILABLE", "RESOURCE_EXHAUSTED", "A
 _DAMAGE_CODES = ("DATA_LOSS", "NOT_FOUND", "FAILED_PRECONDITION", "INVALID_ARGUMENT", "OUT_OF_RANGE")
 
 
-def _chain(e: BaseException) -> list:
-  """`e` and the exceptions it was raised from or while handling, innermost last."""
-  chain = [e]
-  while len(chain) < 16:
-    nxt = chain[-1].__cause__ or chain[-1].__context__
-    if nxt is None or nxt in chain:
-      break
-    chain.append(nxt)
-  return chain
-
-
 def _verdict(e: Exception) -> int:
   """TRANSIENT, DAMAGED or UNKNOWN for a failed read of a step, judged along the exception chain.
 
@@ -289,7 +278,7 @@ def _verdict(e: Exception) -> int:
   ... raise). Anything else (a permission, a bug, a type a new Orbax raises) is UNKNOWN: it proves
   nothing about the files, and setting the newest step aside on a guess would resume the run from
   an older one, so it stops the run instead."""
-  chain = _chain(e)
+  chain = exception_chain(e, limit=16)
   for x in chain:
     text = str(x)
     if (isinstance(x, (TimeoutError, MemoryError)) or getattr(x, "errno", None) in _TRANSIENT_ERRNOS
@@ -313,9 +302,7 @@ def _reason(e: Exception) -> str:
   """A short cause: 'no space left on device' for any form of ENOSPC, else the first line of the
   innermost cause (Orbax wraps TensorStore's error, which names the file, in one that dumps the
   whole TensorStore spec)."""
-  chain = [e]
-  while chain[-1].__cause__ is not None and len(chain) < 16:
-    chain.append(chain[-1].__cause__)
+  chain = exception_chain(e, implicit=False, limit=16)
   if any(getattr(x, "errno", None) == errno.ENOSPC or "No space left on device" in str(x) for x in chain):
     return "no space left on device"
   root = chain[-1]

@@ -14,6 +14,18 @@ class UserError(Exception):
   """An error caused by the user's input; its message says what is wrong and how to fix it."""
 
 
+def exception_chain(e: BaseException, implicit: bool = True, limit: int = None) -> list:
+  """`e` and the exceptions it was raised from (`raise ... from`), with `implicit` also those it was
+  raised while handling; outermost first, each once, at most `limit` of them."""
+  chain = [e]
+  while limit is None or len(chain) < limit:
+    nxt = chain[-1].__cause__ or (chain[-1].__context__ if implicit else None)
+    if nxt is None or any(nxt is x for x in chain):
+      break
+    chain.append(nxt)
+  return chain
+
+
 def debug_enabled(argv=None) -> bool:
   argv = sys.argv if argv is None else argv
   return "--debug" in argv or os.environ.get("VLM_JAX_DEBUG", "") not in ("", "0")

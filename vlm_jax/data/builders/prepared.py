@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 
-from vlm_jax.errors import UserError
+from vlm_jax.errors import UserError, exception_chain
 
 log = logging.getLogger(__name__)
 
@@ -24,15 +24,9 @@ LOCK_FILE = ".vlm_jax_build.lock"
 
 def disk_full(exc: BaseException) -> bool:
   """Whether `exc` or an exception it was raised from is a full disk (OSError or TensorFlow's)."""
-  seen = set()
-  while exc is not None and id(exc) not in seen:
-    seen.add(id(exc))
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-      return True
-    if "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
-      return True
-    exc = exc.__cause__ or exc.__context__
-  return False
+  return any((isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT))
+             or "No space left on device" in str(x) or "Disk quota exceeded" in str(x)
+             for x in exception_chain(exc))
 
 
 def write_error(exc: BaseException, what: str, data_dir: str):

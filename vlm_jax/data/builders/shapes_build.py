@@ -27,7 +27,7 @@ import threading
 import numpy as np
 
 from vlm_jax.data.builders import prepared, shapes_scene
-from vlm_jax.errors import UserError
+from vlm_jax.errors import UserError, exception_chain
 
 
 def setting(name: str, default: float) -> float:
@@ -168,6 +168,5 @@ def exit_with_parent() -> None:
 
 
 def find_cause(exc, kind):
-  while exc is not None and not isinstance(exc, kind):
-    exc = exc.__cause__ or exc.__context__
-  return exc
+  """The first exception of type `kind` in `exc`'s chain, or None."""
+  return next((x for x in exception_chain(exc) if isinstance(x, kind)), None)
