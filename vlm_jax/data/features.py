@@ -46,6 +46,15 @@ def _index(values, seed):
   return tf.random.stateless_uniform([], seed=seed, maxval=tf.shape(values)[0], dtype=tf.int32)
 
 
+def _row(first, second, seed, offset: int):
+  """One random row (drawn with `seed + offset`) of two parallel features when they hold several,
+  as in training; evaluation rows are exploded to single elements already."""
+  if not first.shape.rank:
+    return first, second
+  i = _index(first, seed + offset)
+  return first[i], second[i]
+
+
 @dataclasses.dataclass(frozen=True)
 class Label:
   key: str
@@ -83,10 +92,7 @@ class TextPairs:
     return (self.q_key, self.a_key)
 
   def select(self, ex, seed, max_text_bytes) -> dict:
-    q, a = get(ex, self.q_key), get(ex, self.a_key)
-    if q.shape.rank:  # training (evaluation rows are single pairs)
-      i = _index(q, seed + 3)
-      q, a = q[i], a[i]
+    q, a = _row(get(ex, self.q_key), get(ex, self.a_key), seed, 3)
     return {self.names[0]: text_bytes(q, max_text_bytes), self.names[1]: text_bytes(a, max_text_bytes)}
 
 
@@ -123,10 +129,7 @@ class Refs:
     return (self.expr_key, self.box_key)
 
   def select(self, ex, seed, max_text_bytes) -> dict:
-    expr, box = get(ex, self.expr_key), tf.cast(get(ex, self.box_key), tf.float32)
-    if expr.shape.rank:  # training (evaluation rows are single expressions)
-      i = _index(expr, seed + 5)
-      expr, box = expr[i], box[i]
+    expr, box = _row(get(ex, self.expr_key), tf.cast(get(ex, self.box_key), tf.float32), seed, 5)
     return {self.name: text_bytes(expr, max_text_bytes), f"{self.name}_box": tf.ensure_shape(box, [4])}
 
 

@@ -102,9 +102,10 @@ def train_batches(inp, data_dir: str, seed: int, local_batch: int, start_step: i
                   host: Host = Host(), features=None, encode=None, stats: TextStats = None,
                   stop_step: int = None) -> Iterator[dict]:
   """Iterator of training batches from `start_step`, up to `stop_step` or forever: the image and
-  the fields of the feature specs `features`, then `encode(batch, True, stats)` if given. With `stop_step` the dataset ends there, so when training ends no tf.data thread is
-  busy filling the next epoch's shuffle buffer, which the iterator's teardown would wait for
-  (minutes with a large buffer on a busy CPU)."""
+  the fields of the feature specs `features`, then `encode(batch, True, stats)` if given. With
+  `stop_step` the dataset ends there, so when training ends no tf.data thread is busy filling the
+  next epoch's shuffle buffer, which the iterator's teardown would wait for (minutes with a large
+  buffer on a busy CPU)."""
   features = _default(features, inp)
   builder = sources.open_source(inp.data, data_dir)
   split, n = _host_split(builder, inp.train_split, host)
