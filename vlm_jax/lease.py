@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 
+from vlm_jax.data.tokenizer import write_atomic
 from vlm_jax.errors import UserError
 
 INTERVAL_S = 30.0  # heartbeat period; a lease expires 3 periods after its last heartbeat
@@ -55,10 +56,7 @@ class Lease:
     return held.get("host") == self.me["host"] and held.get("pid") == self.me["pid"]
 
   def _write(self) -> None:
-    tmp = f"{self.path}.{self.me['host']}.{self.me['pid']}.tmp"
-    with open(tmp, "w") as f:
-      json.dump({**self.me, "heartbeat": time.time(), "expiry_s": 3 * self.interval}, f)
-    os.replace(tmp, self.path)
+    write_atomic(self.path, json.dumps({**self.me, "heartbeat": time.time(), "expiry_s": 3 * self.interval}))
 
   def _beat(self) -> None:
     warned = False

@@ -18,7 +18,7 @@ import sys
 
 from vlm_jax import config as config_lib, lease as lease_lib
 from vlm_jax.data.sources import DataInfo
-from vlm_jax.data.tokenizer import TOKENIZER_FILE
+from vlm_jax.data.tokenizer import TOKENIZER_FILE, write_atomic
 from vlm_jax.errors import UserError
 
 CONFIG_FILE, DATA_INFO_FILE, METRICS_FILE = "config.json", "data_info.json", "metrics.jsonl"
@@ -182,9 +182,7 @@ def trim_metrics(workdir: str, last_step: int) -> None:
     lines.pop()  # cut short by a kill; its step is recomputed
   keep = "".join(x + "\n" for x in lines if x.strip() and json.loads(x)["step"] <= last_step)
   if keep != text:
-    with open(path + ".tmp", "w") as f:
-      f.write(keep)
-    os.replace(path + ".tmp", path)
+    write_atomic(path, keep)
 
 
 def create(path: str) -> str:

@@ -256,9 +256,11 @@ def as_str(text) -> str:
 
 
 def write_atomic(path: str, text: str) -> None:
+  """Writes `text` to `path` through a hidden temporary file and `os.replace`: a reader sees the
+  old or the new file, never a cut-short one."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tokenizer-", suffix=".tmp", dir=directory)
+  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}-", suffix=".tmp", dir=directory)
   try:
     with os.fdopen(fd, "w", encoding="utf-8") as f:
       f.write(text)
