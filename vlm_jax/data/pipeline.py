@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from vlm_jax.data import features as features_lib, preprocess, sources
+from vlm_jax.data import feature_select, features as features_lib, preprocess, sources
 from vlm_jax.data.sources import Host
 from vlm_jax.errors import UserError
 
@@ -52,14 +52,14 @@ def _select(ex, features, image, max_text_bytes, seed=None):
   """The image and the fields of the task's feature specs."""
   out = {"image": image}
   for spec in features:
-    out.update(spec.select(ex, seed, max_text_bytes))
+    out.update(feature_select.select(spec, ex, seed, max_text_bytes))
   return out
 
 
 def _explode(paths):
   """Evaluation: one row per element of the features at `paths` (their first axis)."""
   def fn(ex):
-    values = [features_lib.get(ex, p) for p in paths]
+    values = [feature_select.get(ex, p) for p in paths]
     if values[0].shape.rank == 0:
       return tf.data.Dataset.from_tensors(ex)
     n = tf.shape(values[0])[0]
