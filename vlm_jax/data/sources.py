@@ -42,6 +42,9 @@ class DataInfo:
   class_names: Optional[list]
   splits: dict  # split name -> number of examples
   features: tuple  # top-level feature names
+  # Names of every ClassLabel feature by its path ("objects/shape" inside a Sequence included): the
+  # words of detection targets. Older data_info.json files lack it.
+  label_names: dict = dataclasses.field(default_factory=dict)
 
 
 def _is_embedded(name: str) -> bool:
@@ -119,7 +122,23 @@ def data_info(builder: tfds.core.DatasetBuilder, label_key: str = "label", neede
   if isinstance(label, tfds.features.ClassLabel):
     num_classes, names = label.num_classes, list(label.names)
   splits = {k: v.num_examples for k, v in builder.info.splits.items()}
-  return DataInfo(builder.info.full_name, num_classes, names, splits, tuple(feats.keys()))
+  return DataInfo(builder.info.full_name, num_classes, names, splits, tuple(feats.keys()),
+                  _label_names(feats))
+
+
+def _label_names(feats, prefix: str = "") -> dict:
+  """{path: names} of the ClassLabel features under a FeaturesDict, through Sequence features."""
+  import tensorflow_datasets as tfds  # TensorFlow only where data is opened
+
+  out = {}
+  for key, f in feats.items():
+    while isinstance(f, tfds.features.Sequence):
+      f = f.feature
+    if isinstance(f, tfds.features.ClassLabel):
+      out[prefix + key] = list(f.names)
+    elif isinstance(f, tfds.features.FeaturesDict):
+      out.update(_label_names(f, f"{prefix}{key}/"))
+  return out
 
 
 def num_examples(builder, split: str) -> int:

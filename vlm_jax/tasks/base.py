@@ -9,8 +9,9 @@ Declarations (class attributes)
   collects_predictions = False    evaluation gathers every batch's predictions to the host and
                                   hands them to `collect`
   text_fields = ()                batch fields gathered with the predictions (references)
-  prompt_option = None            the predict CLI's text option the task accepts ("question"),
-                                  None: images only
+  prompt_option = None            the predict CLI's text option the task accepts ("question"
+                                  gives `--question TEXT`), None: images only
+  prompt_help = ""                that option's help text
   hf_family = None                the `vlm_jax.hf` family module that exports the task's runs
                                   (`export(run, out) -> HF class name`); None: not exportable
   needs_classes = False           the model's shape depends on the dataset's class count (the
@@ -60,7 +61,9 @@ Results (host side)
   summarize(sums, records) -> dict
                                   metric values named as in the contract
   draw(batch, preds) -> list      (image, text, correct) triples for the example picture
-  format(preds) -> list[str]      the printed prediction of each row (predict CLI)
+  format(preds, image_sizes) -> list[str]
+                                  the printed prediction of each row (predict CLI);
+                                  `image_sizes`: each row's original (height, width) in pixels
 
 Adding a task: its module (a `Task` subclass), its metric under `metrics/` if new, its recipes
 under `configs/`, and one line in `tasks.TASKS`.
@@ -74,6 +77,7 @@ class Task:
   collects_predictions = False
   text_fields = ()
   prompt_option = None
+  prompt_help = ""
   hf_family = None
   needs_classes = False
   tokenizer = None
@@ -129,5 +133,5 @@ class Task:
   def draw(self, batch, preds) -> list:
     raise NotImplementedError
 
-  def format(self, preds) -> list:
+  def format(self, preds, image_sizes=None) -> list:
     raise NotImplementedError

@@ -37,7 +37,9 @@ class Task(base.Task):
   name = "captioning"
   collects_predictions = True  # evaluation gathers the decoded texts of every batch
   prompt_option = "question"
+  prompt_help = "Answer this question about each image (VQA) instead of captioning."
   hf_family = hf_captioner
+  fixed_mode = None  # subclasses that always read prompt -> answer texts set "qa"
 
   @classmethod
   def validate(cls, cfg) -> None:
@@ -53,8 +55,8 @@ class Task(base.Task):
 
   def __init__(self, cfg, data_info):
     inp = cfg.input
-    self.cfg, self.mode = cfg, inp.text
-    self.tokenizer = tokenizer_source.for_run(cfg)
+    self.cfg, self.mode = cfg, self.fixed_mode or inp.text
+    self.tokenizer = self.make_tokenizer(cfg)
     if cfg.init_from and re.search(cfg.init_include, "txt/token_embed/embedding"):
       tokenizer_source.check_same(self.tokenizer, cfg.init_from.split(":")[0],
                            "Set --config.input.tokenizer= to that file (or leave it empty), or exclude "
@@ -81,6 +83,10 @@ class Task(base.Task):
     if cfg.evals.decode == "beam":
       opts.update(beam_size=cfg.evals.beam_size)
     self.decoder = decode.decode_fn(cfg.evals.decode, **opts)
+
+  def make_tokenizer(self, cfg):
+    """The run's tokenizer (`tokenizer_source.for_run`); subclasses add tokens to it."""
+    return tokenizer_source.for_run(cfg)
 
   def features(self, inp) -> tuple:
     if self.mode == "qa":
@@ -153,7 +159,7 @@ class Task(base.Task):
     prompt = batch["prompt"] if self.mode == "qa" else None
     return {"tokens": self.decoder(self.model, params, batch["image"], prompt)}
 
-  def format(self, preds) -> list:
+  def format(self, preds, image_sizes=None) -> list:
     return self.tokenizer.decode_batch(np.asarray(preds["tokens"]))
 
   def collect(self, batch, preds) -> list:

@@ -78,7 +78,7 @@ class Task(base.Task):
     n = max(float(sums["count"]), 1.0)
     return {"accuracy": float(sums["correct"]) / n, "loss": float(sums["loss"]) / n}
 
-  def format(self, preds) -> list:
+  def format(self, preds, image_sizes=None) -> list:
     return [f"{self._name(i)} ({p:.3f})" for i, p in zip(preds["label"], preds["prob"])]
 
   def draw(self, batch, preds):

@@ -267,7 +267,7 @@ class Task(base.Task):
       out["zeroshot_accuracy"] = float(np.mean([a == b for a, b in zs]))
     return out
 
-  def format(self, preds) -> list:
+  def format(self, preds, image_sizes=None) -> list:
     if "label" not in preds:
       raise UserError("this two-tower run has no class names to predict: zero-shot labels need a dataset "
                       "with a ClassLabel under input.label_key.")
