@@ -6,12 +6,14 @@ whose docstring documents the interface every task implements.
 
 from vlm_jax.config import nearest
 from vlm_jax.errors import UserError
-from vlm_jax.tasks import captioning, classification, contrastive
+from vlm_jax.tasks import captioning, classification, contrastive, detection, grounding
 
 TASKS = {
     "classification": classification,
     "captioning": captioning,  # and VQA (input.text = "qa")
     "contrastive": contrastive,  # CLIP / SigLIP two-tower
+    "detection": detection,  # boxes as location tokens (Pix2Seq)
+    "grounding": grounding,  # referring expression -> box
 }
 
 

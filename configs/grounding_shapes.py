@@ -1,0 +1,26 @@
+"""CPU recipe: grounding referring expressions on the embedded `shapes` dataset.
+
+python -m vlm_jax.train --config configs/grounding_shapes.py --workdir /tmp/grounding_shapes
+"the small red circle" -> the box of the one object it names, as 4 location tokens. Evaluation
+decodes greedily and reports test/grounding_acc50 (IoU >= 0.5). `:tiny` is the few-second
+variant used by the tests.
+"""
+
+import os
+
+from vlm_jax.config import recipe_module
+
+cappa_shapes = recipe_module(os.path.join(os.path.dirname(__file__), "cappa_shapes.py"))
+
+
+def get_config(arg: str = ""):
+  c = cappa_shapes.get_config(arg)
+  c.task = "grounding"
+  c.input.text = ""
+  c.input.ref_key = "refs/expression"
+  c.input.ref_box_key = "refs/bbox"
+  c.input.max_len = 16  # [BOS] expression [SEP] 4 locations EOS
+  c.model.masked_pred_prob = 0.0
+  c.model.decoder.max_len = 24
+  c.evals.decode_len = 5
+  return c

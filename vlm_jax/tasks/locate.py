@@ -1,0 +1,63 @@
+"""What detection and grounding share: a captioner that answers a prompt with location tokens.
+
+Both tasks are VQA-shaped sequences (`[BOS] prompt [SEP] answer [EOS]`, loss on the answer and
+EOS) whose answers hold boxes as `<locNNNN>` tokens (`data.loc_tokens`, added to the run's
+tokenizer and saved with it). Evaluation decodes from the prompt (`evals.decode`) and reads the
+boxes back with `loc_tokens.parse_objects`; pictures draw the true boxes in green and the
+predicted ones in red.
+"""
+
+import numpy as np
+
+from vlm_jax.data import loc_tokens
+from vlm_jax.tasks import captioning
+
+TRUE_COLOR, PREDICTED_COLOR = (0, 200, 0), (230, 30, 30)
+
+
+class Task(captioning.Task):
+  fixed_mode = "qa"
+  @classmethod
+  def validate(cls, cfg) -> None:
+    pass  # reads no input.text mode
+
+  @classmethod
+  def predict_config(cls, cfg, prompt: str) -> None:
+    pass
+
+  def __init__(self, cfg, data_info):
+    super().__init__(cfg, data_info)
+    self.text_fields = type(self).text_fields  # the captioner's are texts; these are boxes
+    self.loc_ids = loc_tokens.loc_token_ids(self.tokenizer)
+
+  def make_tokenizer(self, cfg):
+    return loc_tokens.add_loc_tokens(super().make_tokenizer(cfg))
+
+  def _sequences(self, batch, prompts, answers, train, stats):
+    """tokens / loss_mask (and `prompt` for evaluation) of prompt -> answer texts."""
+    seq = self.tokenizer.vqa_sequences(prompts, answers, self.cfg.input.max_len)
+    stats.add(len(prompts), seq.truncated, self.cfg.input.max_len)
+    batch["tokens"], batch["loss_mask"] = seq.tokens, seq.loss_mask
+    if not train:
+      batch["prompt"], _ = self.tokenizer.prompt_sequences(prompts, self.cfg.input.max_len)
+    return batch
+
+  def parse(self, tokens) -> list:
+    """`loc_tokens.Parsed` objects (normalised boxes) of each row of generated tokens."""
+    return [loc_tokens.parse_objects(row, self.tokenizer) for row in np.asarray(tokens)]
+
+
+def draw_boxes(image, boxes, color, mean, std, width: int = 1) -> np.ndarray:
+  """A normalised image [H, W, 3] (as evaluation feeds it: (pixel / 255 - mean) / std) with the
+  outlines of `boxes` (normalised y1 x1 y2 x2) in `color` (RGB 0-255)."""
+  img = np.array(image, dtype=np.float32, copy=True)
+  h, w = img.shape[:2]
+  c = (np.asarray(color, np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+  for y1, x1, y2, x2 in np.asarray(boxes, np.float64).reshape(-1, 4):
+    t, b = (int(np.clip(round(v * (h - 1)), 0, h - 1)) for v in (y1, y2))
+    l, r = (int(np.clip(round(v * (w - 1)), 0, w - 1)) for v in (x1, x2))
+    img[t:t + width, l:r + 1] = c
+    img[max(b - width + 1, 0):b + 1, l:r + 1] = c
+    img[t:b + 1, l:l + width] = c
+    img[t:b + 1, max(r - width + 1, 0):r + 1] = c
+  return img
