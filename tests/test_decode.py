@@ -86,6 +86,21 @@ def test_prompt_is_respected(tiny):
     np.testing.assert_array_equal(alone[0], out[b])  # the other examples' prompts change nothing
 
 
+def test_allowed_ranges_constrain_the_first_tokens_to_the_argmax_inside_them(tiny):
+  model, params, images, forward = tiny
+  allowed = ((3, 6), (3, 6), (10, 13))  # then free
+  out = np.asarray(decode.greedy(model, params, images, PROMPT, max_len=MAX, eos_id=NO_EOS, allowed=allowed))
+  for b in range(4):
+    prompt = [int(t) for t in PROMPT[b] if t != 0]
+    logits = _teacher_forced(forward, images[b:b + 1], np.array([prompt + out[b].tolist()])[:, :-1])[0]
+    for k in range(MAX):
+      step = logits[len(prompt) - 1 + k]
+      lo, hi = allowed[k] if k < len(allowed) else (0, len(step))
+      assert out[b, k] == lo + np.argmax(step[lo:hi])  # the best token inside the range
+  free = np.asarray(decode.greedy(model, params, images, PROMPT, max_len=MAX, eos_id=NO_EOS))
+  assert (free[:, :3] != out[:, :3]).any()  # the random model's free choices leave the ranges
+
+
 def test_beam_one_is_greedy(tiny):
   model, params, images, forward = tiny
   for prompt, eos in ((None, NO_EOS), (PROMPT, NO_EOS), (None, 2), (PROMPT, 2)):

@@ -97,14 +97,28 @@ def _filter(logits, temperature, top_k, top_p):
   return logits
 
 
+def _constrain(logits, generated_pos, allowed):
+  """Logits with every token outside `allowed[k]` (a [start, stop) id range) at -inf in the rows
+  whose next token is generated token k; rows past the ranges are left alone."""
+  lo = jnp.array([a for a, _ in allowed], jnp.int32)
+  hi = jnp.array([b for _, b in allowed], jnp.int32)
+  k = jnp.clip(generated_pos, 0, len(allowed) - 1)
+  ids = jnp.arange(logits.shape[-1])[None]
+  ok = (ids >= lo[k][:, None]) & (ids < hi[k][:, None])
+  ok |= ((generated_pos < 0) | (generated_pos >= len(allowed)))[:, None]
+  return jnp.where(ok, logits, -jnp.inf)
+
+
 def _loop_impl(model, params, images, prompt, rng, *, max_len, bos_id, eos_id, pad_id, cached,
-               temperature=0.0, top_k=0, top_p=1.0):
+               temperature=0.0, top_k=0, top_p=1.0, allowed=None):
   encode, step, full = _fns(model, params)
   encoded = encode(images)
   seq, plen = _start(prompt, encoded.shape[0], max_len, bos_id, pad_id)
   length = seq.shape[1]
 
   def choose(logits, t):
+    if allowed:
+      logits = _constrain(logits, t + 1 - plen, allowed)
     if temperature == 0:
       return jnp.argmax(logits, axis=-1)
     key = jax.random.fold_in(rng, t)
@@ -133,11 +147,12 @@ def _loop_impl(model, params, images, prompt, rng, *, max_len, bos_id, eos_id, p
 
 
 def greedy(model, params, images, prompt=None, *, max_len: int, bos_id: int = 1, eos_id: int = 2,
-           pad_id: int = 0):
-  """Greedy decoding with the KV cache -> tokens [B, max_len]."""
+           pad_id: int = 0, allowed: tuple = None):
+  """Greedy decoding with the KV cache -> tokens [B, max_len]. `allowed`: for the first generated
+  tokens, one [start, stop) range of token ids each (the rest get -inf logits), e.g. a box syntax."""
   _check_len(model, prompt, max_len)
   fn = _jitted("greedy", _loop_impl, model, max_len=max_len, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id,
-               cached=True)
+               cached=True, allowed=allowed)
   return fn(params, images, prompt, None)
 
 
@@ -151,15 +166,16 @@ def greedy_uncached(model, params, images, prompt=None, *, max_len: int, bos_id:
 
 
 def sample(model, params, images, rng, prompt=None, *, max_len: int, temperature: float = 1.0, top_k: int = 0,
-           top_p: float = 1.0, bos_id: int = 1, eos_id: int = 2, pad_id: int = 0):
+           top_p: float = 1.0, bos_id: int = 1, eos_id: int = 2, pad_id: int = 0, allowed: tuple = None):
   """Ancestral sampling: logits / temperature, then keep the `top_k` most likely tokens (0: all) and
   the smallest set whose probability reaches `top_p` (1.0: all). temperature=0 is greedy.
-  Step t draws with `fold_in(rng, t)`."""
+  Step t draws with `fold_in(rng, t)`; `allowed` as for `greedy`."""
   _check_len(model, prompt, max_len)
   if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
     raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
   fn = _jitted("sample", _loop_impl, model, max_len=max_len, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id,
-               cached=True, temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
+               cached=True, temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+               allowed=allowed)
   return fn(params, images, prompt, rng)
 
 
