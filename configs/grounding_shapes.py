@@ -23,4 +23,5 @@ def get_config(arg: str = ""):
   c.model.masked_pred_prob = 0.0
   c.model.decoder.max_len = 24
   c.evals.decode_len = 5
+  c.evals.constrained = True  # greedy decoding writes exactly 4 location tokens, then EOS
   return c

@@ -78,11 +78,11 @@ class Task(base.Task):
                       f"Raise model.decoder.max_len or lower input.max_len / evals.decode_len.")
     dec["vocab_size"] = self.tokenizer.vocab_size
     self.model = Captioner(encoder=enc, decoder=dec)
-    opts = dict(max_len=self.decode_len, bos_id=self.tokenizer.bos_id, eos_id=self.tokenizer.eos_id,
-                pad_id=self.tokenizer.pad_id)
+    self.decode_options = dict(max_len=self.decode_len, bos_id=self.tokenizer.bos_id,
+                               eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id)
     if cfg.evals.decode == "beam":
-      opts.update(beam_size=cfg.evals.beam_size)
-    self.decoder = decode.decode_fn(cfg.evals.decode, **opts)
+      self.decode_options.update(beam_size=cfg.evals.beam_size)
+    self.decoder = decode.decode_fn(cfg.evals.decode, **self.decode_options)
 
   def make_tokenizer(self, cfg):
     """The run's tokenizer (`tokenizer_source.for_run`); subclasses add tokens to it."""

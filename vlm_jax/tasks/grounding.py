@@ -5,7 +5,8 @@ Training reads one random expression of the image per example and step (`input.r
 box `input.ref_box_key`: y1 x1 y2 x2 normalised); evaluation reads every expression (one row
 each), decodes the box from the expression prompt and reports `grounding_acc50` (the share of
 expressions whose predicted box has IoU >= 0.5 with the true one; no well-formed box counts as
-wrong) and teacher-forced `loss` / `perplexity`. `python -m vlm_jax.predict --refer TEXT`
+wrong) and teacher-forced `loss` / `perplexity`. With `evals.constrained` (the recipe sets it),
+greedy decoding may only write 4 location tokens and EOS, so every answer is a box. `python -m vlm_jax.predict --refer TEXT`
 prints the box as JSON in pixels of the original image.
 """
 
@@ -39,6 +40,12 @@ class Task(locate.Task):
     if not prompt:
       raise UserError("a grounding run boxes what an expression names: pass --refer TEXT, "
                       "e.g. --refer \"the small red circle\".")
+
+  def __init__(self, cfg, data_info):
+    super().__init__(cfg, data_info)
+    box = self.box_range()
+    eos = self.tokenizer.eos_id
+    self.constrain(box and (box,) * 4 + ((eos, eos + 1),))  # exactly one box, then EOS
 
   def features(self, inp) -> tuple:
     return (features.Refs(inp.ref_key, inp.ref_box_key),)

@@ -9,6 +9,7 @@ predicted ones in red.
 
 import numpy as np
 
+from vlm_jax import decode
 from vlm_jax.data import loc_tokens
 from vlm_jax.tasks import captioning
 
@@ -29,6 +30,19 @@ class Task(captioning.Task):
     super().__init__(cfg, data_info)
     self.text_fields = type(self).text_fields  # the captioner's are texts; these are boxes
     self.loc_ids = loc_tokens.loc_token_ids(self.tokenizer)
+
+  def box_range(self):
+    """[start, stop) of the location token ids when they are contiguous in bin order (as
+    `add_loc_tokens` appends them), else None."""
+    first = int(self.loc_ids[0])
+    return (first, first + loc_tokens.NUM_BINS) if (np.diff(self.loc_ids) == 1).all() else None
+
+  def constrain(self, allowed) -> None:
+    """Decodes with `allowed` token ranges for the first generated tokens (`decode.greedy`),
+    when `evals.constrained` is set and decoding is greedy or sampling (beam search is not
+    constrained)."""
+    if self.cfg.evals.get("constrained", False) and self.cfg.evals.decode != "beam" and allowed:
+      self.decoder = decode.decode_fn(self.cfg.evals.decode, **self.decode_options, allowed=tuple(allowed))
 
   def make_tokenizer(self, cfg):
     return loc_tokens.add_loc_tokens(super().make_tokenizer(cfg))
