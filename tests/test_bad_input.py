@@ -44,6 +44,11 @@ def test_config_overrides_of_wrong_type_or_unknown_key(override, message):
     _parse(override)
 
 
+def test_an_unknown_key_names_its_own_override_not_the_first():
+  with pytest.raises(UserError, match=r"invalid override --config.model.matmul: "):
+    _parse("--config.data_dir=/tmp/d", "--config.model.matmul=xla")
+
+
 def test_missing_recipe_file_and_missing_workdir():
   with pytest.raises(UserError, match=r"config: cannot load the recipe file: .*No such file or directory: "
                                       r"'nosuch.py'. Pass --config path/to/recipe.py"):

@@ -263,7 +263,11 @@ def parse_argv(flag_values, argv) -> None:
   except (KeyError, AttributeError, ValueError, TypeError) as e:
     text = str(e.args[0] if e.args else e)
     m = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
-    bad = next((a.split("=")[0] for a in argv if a.startswith("--config.")), "--config")
+    overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+    # The override naming the key the error is about (a KeyError holds the bare key), else the first.
+    named = [a for a in overrides if any(f"'{part}'" in text or f'"{part}"' in text
+                                         for part in a[len("--config."):].split("."))]
+    bad = (named or overrides or ["--config"])[0]
     if m:
       raise UserError(f"config: unknown key '{m.group(2)}' in {bad}. Did you mean '{m.group(1)}'?") from None
     raise UserError(f"config: invalid override {bad}: {' '.join(text.split())}. Keys of every recipe are "
