@@ -22,6 +22,7 @@ def get_config(arg: str = ""):
   c.input.max_objects = 3  # shapes has 1 large and 0-2 small objects per image
   c.input.max_len = 32  # [BOS] detect [SEP] + 3 x (4 locations, a word, ';') + EOS
   c.model.masked_pred_prob = 0.0
+  c.model.loc_sigma = 0.0  # > 0: training targets a location token with a Gaussian over neighbouring bins
   c.model.decoder.max_len = 64
   c.evals.decode_len = 28
   if arg == "tiny":

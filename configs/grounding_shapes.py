@@ -21,6 +21,7 @@ def get_config(arg: str = ""):
   c.input.ref_box_key = "refs/bbox"
   c.input.max_len = 16  # [BOS] expression [SEP] 4 locations EOS
   c.model.masked_pred_prob = 0.0
+  c.model.loc_sigma = 0.0  # > 0: training targets a location token with a Gaussian over neighbouring bins
   c.model.decoder.max_len = 24
   c.evals.decode_len = 5
   c.evals.constrained = True  # greedy decoding writes exactly 4 location tokens, then EOS

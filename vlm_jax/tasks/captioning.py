@@ -137,7 +137,11 @@ class Task(base.Task):
     logits = self.model.apply({"params": params}, batch["image"], inputs, causal=causal, train=train,
                               rngs=rngs).astype(jnp.float32)
     targets = batch["tokens"][:, 1:]
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets), logits.argmax(-1) == targets
+    return self.token_loss(logits, targets, train), logits.argmax(-1) == targets
+
+  def token_loss(self, logits, targets, train: bool):
+    """Per-token cross-entropy [B, T] of float32 logits [B, T, V]; subclasses may soften targets."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
 
   def loss_fn(self, params, batch, rng):
     w = self._weights(batch)
@@ -170,9 +174,14 @@ class Task(base.Task):
     refs = [r.split("\n") for r, k in zip(tokenizer_lib.texts(batch, refs_key), keep) if k]
     return list(zip(hyps, refs))
 
+  @staticmethod
+  def loss_summary(sums) -> dict:
+    """Teacher-forced `loss` per token and its `perplexity` from the evaluation sums."""
+    loss = float(sums["loss"]) / max(float(sums["tokens"]), 1.0)
+    return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0)))}
+
   def summarize(self, sums, records=()) -> dict:
-    out = {"loss": float(sums["loss"]) / max(float(sums["tokens"]), 1.0)}
-    out["perplexity"] = float(np.exp(min(out["loss"], 50.0)))
+    out = self.loss_summary(sums)
     if records:
       if self.mode == "caption":
         refs = {i: [caption_metrics.tokenize(r) for r in rs] for i, (_, rs) in enumerate(records)}

@@ -107,8 +107,7 @@ class Task(locate.Task):
             for i in np.flatnonzero(keep)]
 
   def summarize(self, sums, records=()) -> dict:
-    out = {"loss": float(sums["loss"]) / max(float(sums["tokens"]), 1.0)}
-    out["perplexity"] = float(np.exp(min(out["loss"], 50.0)))
+    out = self.loss_summary(sums)
     if records:
       scale = self.cfg.input.image_size  # pixels of the model's input: COCO's area ranges are in pixels
       truths = [[(np.asarray(b) * scale, lab) for b, lab in truth] for _, truth in records]

@@ -68,8 +68,7 @@ class Task(locate.Task):
     return [(boxes[i], np.asarray(batch["ref_box"][i])) for i in np.flatnonzero(keep)]
 
   def summarize(self, sums, records=()) -> dict:
-    out = {"loss": float(sums["loss"]) / max(float(sums["tokens"]), 1.0)}
-    out["perplexity"] = float(np.exp(min(out["loss"], 50.0)))
+    out = self.loss_summary(sums)
     if records:
       out.update(detection_metrics.grounding_accuracy([p for p, _ in records], [t for _, t in records]))
     return out

@@ -7,6 +7,8 @@ boxes back with `loc_tokens.parse_objects`; pictures draw the true boxes in gree
 predicted ones in red.
 """
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from vlm_jax import decode
@@ -43,6 +45,22 @@ class Task(captioning.Task):
     constrained)."""
     if self.cfg.evals.get("constrained", False) and self.cfg.evals.decode != "beam" and allowed:
       self.decoder = decode.decode_fn(self.cfg.evals.decode, **self.decode_options, allowed=tuple(allowed))
+
+  def token_loss(self, logits, targets, train: bool):
+    """With `model.loc_sigma` > 0 (bins), training targets a location token with a Gaussian over
+    the neighbouring bins instead of the one bin, so that a near miss costs less than a far one;
+    evaluation's loss (and perplexity) stays the plain cross-entropy."""
+    hard = super().token_loss(logits, targets, train)
+    sigma = float(self.cfg.model.get("loc_sigma", 0.0))
+    if not train or sigma <= 0:
+      return hard
+    match = targets[..., None] == jnp.asarray(self.loc_ids)  # [B, T, 1024]
+    is_loc, bins = match.any(-1), jnp.argmax(match, -1)
+    grid = jnp.arange(loc_tokens.NUM_BINS, dtype=jnp.float32)
+    soft = jax.nn.softmax(-0.5 * ((grid - bins[..., None].astype(jnp.float32)) / sigma) ** 2, axis=-1)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    smooth = -(soft * jnp.take(logp, jnp.asarray(self.loc_ids), axis=-1)).sum(-1)
+    return jnp.where(is_loc, smooth, hard)
 
   def make_tokenizer(self, cfg):
     return loc_tokens.add_loc_tokens(super().make_tokenizer(cfg))
