@@ -23,7 +23,6 @@ from vlm_jax.metrics import detection as detection_metrics
 from vlm_jax.tasks import locate
 
 PROMPT = "detect"
-KEYS = ("boxes_key", "object_label_key", "max_objects")
 
 
 class Task(locate.Task):
@@ -31,12 +30,11 @@ class Task(locate.Task):
   prompt_option = None
   text_fields = ("objects_boxes", "objects_labels", "objects_count")
 
+  input_keys = ("boxes_key", "object_label_key", "max_objects")
+
   @classmethod
   def validate(cls, cfg) -> None:
-    missing = [k for k in KEYS if k not in cfg.input]
-    if missing:
-      raise UserError(f"config: task 'detection' reads input.{', input.'.join(missing)}; set them in the "
-                      f"recipe (configs/detection_shapes.py shows them).")
+    super().validate(cfg)
     if cfg.input.max_objects < 1:
       raise UserError(f"config: input.max_objects={cfg.input.max_objects} must be at least 1.")
 
@@ -64,11 +62,7 @@ class Task(locate.Task):
     return out
 
   def encode(self, batch: dict, train: bool, stats) -> dict:
-    batch = self._sequences(batch, [PROMPT] * len(batch["image"]), self.targets(batch), train, stats)
-    if train:
-      for k in self.text_fields:
-        del batch[k]
-    return batch
+    return self._sequences(batch, [PROMPT] * len(batch["image"]), self.targets(batch), train, stats)
 
   def predict_inputs(self, images, prompt: str = "") -> dict:
     return {"image": images, "prompt": np.repeat(self.prompt_ids[None], len(images), axis=0)}

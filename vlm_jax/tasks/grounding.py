@@ -19,7 +19,6 @@ from vlm_jax.errors import UserError
 from vlm_jax.metrics import detection as detection_metrics
 from vlm_jax.tasks import locate
 
-KEYS = ("ref_key", "ref_box_key")
 
 
 class Task(locate.Task):
@@ -28,12 +27,7 @@ class Task(locate.Task):
   prompt_help = "Find the object this referring expression names (grounding runs); prints its box."
   text_fields = ("ref", "ref_box")
 
-  @classmethod
-  def validate(cls, cfg) -> None:
-    missing = [k for k in KEYS if k not in cfg.input]
-    if missing:
-      raise UserError(f"config: task 'grounding' reads input.{', input.'.join(missing)}; set them in the "
-                      f"recipe (configs/grounding_shapes.py shows them).")
+  input_keys = ("ref_key", "ref_box_key")
 
   @classmethod
   def predict_config(cls, cfg, prompt: str) -> None:
@@ -52,11 +46,7 @@ class Task(locate.Task):
 
   def encode(self, batch: dict, train: bool, stats) -> dict:
     answers = [loc_tokens.format_objects(box[None]) for box in batch["ref_box"]]
-    batch = self._sequences(batch, tokenizer_lib.texts(batch, "ref"), answers, train, stats)
-    if train:
-      for k in self.text_fields:
-        del batch[k]
-    return batch
+    return self._sequences(batch, tokenizer_lib.texts(batch, "ref"), answers, train, stats)
 
   def boxes(self, tokens) -> list:
     """The first well-formed box (normalised) of each row of generated tokens, or None."""

@@ -13,6 +13,7 @@ import numpy as np
 
 from vlm_jax import decode
 from vlm_jax.data import loc_tokens
+from vlm_jax.errors import UserError
 from vlm_jax.tasks import captioning
 
 TRUE_COLOR, PREDICTED_COLOR = (0, 200, 0), (230, 30, 30)
@@ -20,9 +21,14 @@ TRUE_COLOR, PREDICTED_COLOR = (0, 200, 0), (230, 30, 30)
 
 class Task(captioning.Task):
   fixed_mode = "qa"
+  input_keys = ()  # the input.* keys the task reads, set by its recipes (no input.text mode)
+
   @classmethod
   def validate(cls, cfg) -> None:
-    pass  # reads no input.text mode
+    missing = [k for k in cls.input_keys if k not in cfg.input]
+    if missing:
+      raise UserError(f"config: task '{cls.name}' reads input.{', input.'.join(missing)}; set them in the "
+                      f"recipe (configs/{cls.name}_shapes.py shows them).")
 
   @classmethod
   def predict_config(cls, cfg, prompt: str) -> None:
@@ -66,11 +72,15 @@ class Task(captioning.Task):
     return loc_tokens.add_loc_tokens(super().make_tokenizer(cfg))
 
   def _sequences(self, batch, prompts, answers, train, stats):
-    """tokens / loss_mask (and `prompt` for evaluation) of prompt -> answer texts."""
+    """tokens / loss_mask (and `prompt` for evaluation) of prompt -> answer texts; training
+    batches drop the `text_fields`."""
     seq = self.tokenizer.vqa_sequences(prompts, answers, self.cfg.input.max_len)
     stats.add(len(prompts), seq.truncated, self.cfg.input.max_len)
     batch["tokens"], batch["loss_mask"] = seq.tokens, seq.loss_mask
-    if not train:
+    if train:  # the fields the targets came from; evaluation keeps them for `collect`
+      for k in self.text_fields:
+        del batch[k]
+    else:
       batch["prompt"], _ = self.tokenizer.prompt_sequences(prompts, self.cfg.input.max_len)
     return batch
 
